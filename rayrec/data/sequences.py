@@ -389,7 +389,8 @@ def _build(cfg: DataConfig, force: bool) -> SequenceData:
     if cfg.max_history or cfg.split == "time":
         src = ds.map_batches(_pretruncate, batch_size=None, batch_format="pyarrow",
                              fn_kwargs={"item_vocab": item_vocab, "keep_users": f.keep_users, "spec": spec})
-    seqs = src.groupby("bucket").map_groups(
+    # one shuffle partition per user bucket: a bucket is the unit of work, never a user
+    seqs = src.groupby("bucket", num_partitions=buckets).map_groups(
         _bucket_sequences, batch_format="pyarrow",
         fn_kwargs={"item_vocab": item_vocab, "keep_users": f.keep_users, "spec": spec},
     ).materialize()
