@@ -41,7 +41,10 @@ class DataConfig:
     cache_dir: str = ""  # where built sequences go; default: _rayrec_cache/ next to the log
     min_user_interactions: int = 0  # users with fewer interactions are dropped (counted)
     min_item_interactions: int = 0  # items with fewer interactions are dropped (counted)
-    split: Literal["leave_last_two"] = "leave_last_two"
+    split: Literal["leave_last_two", "time"] = "leave_last_two"
+    time_quantile: float = 0.95  # split=time: events at or after this timestamp quantile are held out
+    kcore: bool = False  # iterate the two min_*_interactions filters until both hold at once (k-core)
+    max_history: int = 0  # keep each user's most recent events only (before the cut for split=time); 0 = all
     eval_negatives: int = 100  # candidates per user for the sampled protocol, fixed at build time
     num_buckets: int = 0  # user-hash buckets for the sequence build; 0 = from the data size
     seed: int = 0  # seeds the persisted evaluation negatives
@@ -274,6 +277,12 @@ def validate(cfg: Config) -> Config:
         (not (s.backend == "nccl" and not s.use_gpu), "scale.backend=nccl needs scale.use_gpu=true"),
         (d.min_user_interactions >= 0 and d.min_item_interactions >= 0, "data.min_*_interactions must be >= 0"),
         (d.eval_negatives >= 0 and d.num_buckets >= 0, "data.eval_negatives and data.num_buckets must be >= 0"),
+        (0.0 < d.time_quantile < 1.0, f"data.time_quantile must be in (0, 1) (e.g. 0.95), got {d.time_quantile}"),
+        (d.max_history == 0 or d.max_history >= 3,
+         f"data.max_history must be 0 (keep all) or >= 3 (a training pair plus validation and test), got {d.max_history}"),
+        (not d.kcore or max(d.min_user_interactions, d.min_item_interactions) > 1,
+         "data.kcore=true iterates the min_*_interactions filters: set data.min_user_interactions and/or "
+         "data.min_item_interactions above 1 (e.g. 5)"),
         (e.protocol == "full" or d.eval_negatives > 0, "eval.protocol sampled/both needs data.eval_negatives > 0"),
         (bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), f"name must be a plain folder name, got {cfg.name!r}"),
     ]

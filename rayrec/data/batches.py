@@ -1,9 +1,12 @@
 """Worker-side sequences: one rank's users in CSR arrays, and vectorised batches from them.
 
 Per-epoch work (windows, left padding, negatives) is numpy over whole batches: no per-sample
-Python loops. Leave-last-two-out: for a user with items s (len L >= 3) training sees s[:L-2],
-validation predicts s[L-2] from s[:L-2], test predicts s[L-1] from s[:L-1]. Users with L == 2
-train on both items and are not evaluated (they are counted in meta.json).
+Python loops. Every split is stored per user as positions into the user's items s:
+training sees s[:train_len]; validation predicts s[val_pos] from s[:val_pos]; test predicts
+s[test_pos] from s[:test_pos]; a position of -1 means the user is not evaluated at that stage.
+The build writes these columns (rayrec/data/split.py); tables without them (older builds, hand-made
+tests) get leave-last-two-out: for L >= 3, train_len = L-2, val_pos = L-2, test_pos = L-1; users
+with L <= 2 train on all their items and are not evaluated (they are counted in meta.json).
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import pyarrow.compute as pc
 
 from rayrec.data.log import DataError
 
+SPLIT_COLUMNS = ("train_len", "val_pos", "test_pos")
+
 
 @dataclass
 class SequenceStore:
@@ -26,6 +31,17 @@ class SequenceStore:
     eval_negatives: np.ndarray | None  # (U, k) int32, fixed at build time
     num_items: int
     ratings: np.ndarray | None = None  # (total,) float32, when the log has a rating column
+    train_len: np.ndarray | None = None  # (U,) int64 training prefix length; None = leave-last-two-out
+    val_pos: np.ndarray | None = None  # (U,) int64 validation target position, -1 = none
+    test_pos: np.ndarray | None = None  # (U,) int64 test target position, -1 = none
+
+    def __post_init__(self):
+        if self.train_len is None:  # leave-last-two-out from the lengths alone
+            L = np.diff(self.offsets)
+            ev = L >= 3
+            self.train_len = np.where(ev, L - 2, L)
+            self.val_pos = np.where(ev, L - 2, -1)
+            self.test_pos = np.where(ev, L - 1, -1)
 
     @classmethod
     def from_tables(cls, tables: Iterable[pa.Table], num_items: int, rank: int = 0, world: int = 1) -> "SequenceStore":
@@ -44,6 +60,7 @@ class SequenceStore:
         stamps = t["timestamps"].combine_chunks()
         off = items.offsets.to_numpy().astype(np.int64)
         negs = None
+        split = {k: t[k].to_numpy().astype(np.int64) for k in SPLIT_COLUMNS if k in t.column_names}
         if "eval_negatives" in t.column_names:
             col = t["eval_negatives"].combine_chunks()
             negs = col.flatten().to_numpy().reshape(len(t), -1).astype(np.int32)
@@ -55,6 +72,7 @@ class SequenceStore:
             eval_negatives=negs,
             num_items=num_items,
             ratings=t["ratings"].combine_chunks().flatten().to_numpy().astype(np.float32) if "ratings" in t.column_names else None,
+            **split,
         )
 
     @property
@@ -62,9 +80,8 @@ class SequenceStore:
         return np.diff(self.offsets)
 
     def train_end(self) -> np.ndarray:
-        """Exclusive end of each user's training items (L-2 for evaluable users, L for short ones)."""
-        L = self.lengths
-        return self.offsets[:-1] + np.where(L >= 3, L - 2, L)
+        """Exclusive end of each user's training items (validation and test targets excluded)."""
+        return self.offsets[:-1] + self.train_len
 
     def train_users(self) -> np.ndarray:
         return np.flatnonzero(self.train_end() - self.offsets[:-1] >= 2)
@@ -75,8 +92,14 @@ class SequenceStore:
         pos = np.repeat(self.offsets[:-1] - np.r_[0, np.cumsum(L)[:-1]], L) + np.arange(L.sum())
         return self.items[pos]
 
-    def eval_users(self) -> np.ndarray:
-        return np.flatnonzero(self.lengths >= 3)
+    def eval_users(self, stage: str = "test") -> np.ndarray:
+        """Rows evaluated at ``stage`` ('val' or 'test'); the same rows for leave-last-two-out."""
+        return np.flatnonzero(self.target_pos(stage) >= 0)
+
+    def target_pos(self, stage: str) -> np.ndarray:
+        if stage not in ("val", "test"):
+            raise ValueError(f"stage must be 'val' or 'test', got {stage!r}")
+        return self.val_pos if stage == "val" else self.test_pos
 
     def forbidden_keys(self) -> np.ndarray:
         """Sorted keys row*(N+1)+item that training negatives must avoid: every history item and
@@ -163,9 +186,11 @@ def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
 
 def eval_batch(store: SequenceStore, rows: np.ndarray, max_len: int, stage: str) -> dict[str, np.ndarray]:
     """History window, target and seen-item positions for validation (stage='val') or test."""
-    L = store.lengths[rows]
     start = store.offsets[rows]
-    cut = start + L - (2 if stage == "val" else 1)  # history = s[:cut], target = s[cut]
+    pos = store.target_pos(stage)[rows]
+    if (pos < 0).any():
+        raise ValueError(f"eval_batch: {int((pos < 0).sum())} row(s) have no {stage} target; pass store.eval_users({stage!r})")
+    cut = start + pos  # history = s[:cut], target = s[cut]
     seen_len = cut - start
     seen_rows = np.repeat(np.arange(len(rows)), seen_len)
     seen_pos = np.repeat(start - np.r_[0, np.cumsum(seen_len)[:-1]], seen_len) + np.arange(seen_len.sum())

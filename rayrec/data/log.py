@@ -50,6 +50,15 @@ def list_files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     return sorted(files, key=lambda f: f.path)
 
 
+def ignored_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    """Files in a log folder that are not read (Spark/Hadoop markers like _SUCCESS, .crc, notes):
+    listed in the data report so a misnamed data file is noticed."""
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                  if f.type == pafs.FileType.File and not f.path.endswith(".parquet") and "/_rayrec_cache/" not in f.path)
+
+
 @dataclass(frozen=True)
 class ReadUnit:
     """One row group of one file; ``offset`` is its first row's position in the whole log."""

@@ -57,14 +57,31 @@ def ensure_log(cfg: DataConfig, force: bool = False) -> str:
 
 
 def report_table(meta: dict) -> str:
-    """A short, readable summary of a sequence build."""
+    """A short, readable summary of a sequence build: counts, every filter step, drops, the split."""
     rows = [
         ("rows in / out", f"{meta['rows_in']:,} / {meta['rows_out']:,}"),
         ("users in / out", f"{meta['users_in']:,} / {meta['users_out']:,}"),
         ("items in / out", f"{meta['items_in']:,} / {meta['items_out']:,}"),
     ]
+    rows += [(f"after {s['step']}", f"{s['rows']:,} rows, {s['users']:,} users, {s['items']:,} items")
+             for s in meta.get("steps", [])[1:]]
     rows += [(f"dropped: {k}", f"{v:,}") for k, v in meta["drops"].items()]
-    rows += [(f"users {k}", f"{v:,}") for k, v in meta["users_by_length"].items()]
-    rows += [("build time", f"{meta['timings']['total_s']:.1f} s"), ("cache", meta.get("root", ""))]
+    split = meta.get("split", {})
+    if split.get("kind") == "time":
+        rows.append(("time cut", f"timestamp {split['cut_timestamp']} (quantile {split['time_quantile']})"))
+    for k in ("val_users", "test_users", "train_only_users", "no_training_pair_users",
+              "users_without_pre_cut_events", "users_without_eligible_holdout"):
+        if k in split:
+            rows.append((f"users: {k.replace('_users', '').replace('users_', '').replace('_', ' ')}", f"{split[k]:,}"))
+    rows += [(f"users {k}", f"{v:,}") for k, v in meta.get("users_by_length", {}).items()]
+    inputs = meta.get("inputs", [])
+    rows.append(("input files", f"{len(inputs)} ({sum(i['bytes'] for i in inputs) / 2**20:,.1f} MiB)"))
+    if meta.get("ignored_files"):
+        rows.append(("ignored files", ", ".join(p.rsplit("/", 1)[-1] for p in meta["ignored_files"][:5])
+                     + (" ..." if len(meta["ignored_files"]) > 5 else "")))
+    timings = meta["timings"]
+    rows.append(("build time", f"{timings['total_s']:.1f} s (" + ", ".join(
+        f"{k[:-2]} {v:.1f}" for k, v in timings.items() if k != "total_s") + ")"))
+    rows.append(("cache", meta.get("root", "")))
     w = max(len(r[0]) for r in rows)
     return "\n".join(f"  {a:<{w}}  {b}" for a, b in rows)

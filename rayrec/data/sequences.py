@@ -1,9 +1,12 @@
 """Build per-user, time-ordered item sequences from the interaction log with Ray Data.
 
 Steps (DESIGN.md): read row-group units (global row offset = tie-break) → validate →
-count items on the driver and build the item vocab (1..N, 0 = padding) → bucket users by hash →
-group by *bucket* (never by user) and sort inside each bucket with pyarrow → encode users →
-persist evaluation negatives → write a Parquet sequences dataset, vocab and meta.json.
+count users and items on the driver, apply the min-interaction filters / k-core (filters.py) and
+build the item vocab (1..N, 0 = padding) → for split=time find the cut and the pre-cut items
+(split.py) → bucket users by hash → drop rows no user can keep, block by block (max_history,
+post-cut events after the holdout) → group by *bucket* (never by user), sort inside each bucket
+with pyarrow and place the split → encode users → persist evaluation negatives → write a Parquet
+sequences dataset, vocab, data_report.json and meta.json.
 
 The result is cached under ``<cache root>/<key>/``, keyed by the input files' sha256 and the data
 config; ``meta.json`` is written last, so a half-written build is never mistaken for a cache hit.
@@ -26,10 +29,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayrec.config import DataConfig
-from rayrec.data.log import DataError, ReadUnit, fingerprint, list_files, plan, read_unit, resolve
+from rayrec.data.batches import SPLIT_COLUMNS
+from rayrec.data.filters import Counts, apply_filters, row_mask, scan
+from rayrec.data.log import DataError, ReadUnit, fingerprint, ignored_files, list_files, plan, read_unit, resolve
+from rayrec.data.split import SplitSpec, block_keep, exact_quantile, positions
 
 log = logging.getLogger("rayrec.data")
-BUILD_VERSION = 2  # bump when the sequence format or the build's semantics change
+BUILD_VERSION = 3  # bump when the sequence format or the build's semantics change
 
 
 @dataclass
@@ -96,30 +102,74 @@ def _read_batch(batch: pa.Table, fs: pafs.FileSystem, buckets: int, with_rating:
     return pa.concat_tables(out)
 
 
-def _bucket_sequences(t: pa.Table, item_vocab: pa.Array, min_user: int) -> pa.Table:
-    """All users of one bucket: drop rare items, stable-sort, cut runs into list columns."""
+def _filter_sort(t: pa.Table, item_vocab: pa.Array, keep_users: pa.Array | None) -> tuple[pa.Table, np.ndarray]:
+    """Rows of kept items (and users), with the dense item index, sorted by (user, time, log row);
+    plus each user's run length. Ties in time keep log order, never item order."""
     idx = pc.index_in(t["item_id"], value_set=item_vocab)
     keep = pc.is_valid(idx)
+    if keep_users is not None:
+        keep = pc.and_(keep, pc.is_in(t["user_id"], value_set=keep_users))
     t = t.filter(keep).append_column("item", pc.add(pc.cast(idx.filter(keep), pa.int32()), 1))
-    # (user, timestamp, original row): ties in time keep log order, never item order
     t = t.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("row", "ascending")])
     n = t.num_rows
-    enc = pc.dictionary_encode(t["user_id"]).combine_chunks().indices.to_numpy() if n else np.zeros(0, np.int32)
-    starts = np.flatnonzero(np.r_[True, enc[1:] != enc[:-1]]) if n else np.zeros(0, np.int64)
-    lengths = np.diff(np.r_[starts, n])
-    keep_user = lengths >= max(1, min_user)
-    row_keep = np.repeat(keep_user, lengths)
-    offsets = pa.array(np.r_[0, np.cumsum(lengths[keep_user])].astype(np.int32))
-    items = t["item"].combine_chunks().to_numpy(zero_copy_only=False)[row_keep]
-    stamps = t["timestamp"].combine_chunks().to_numpy(zero_copy_only=False)[row_keep]
+    if not n:
+        return t, np.zeros(0, np.int64)
+    enc = pc.dictionary_encode(t["user_id"]).combine_chunks().indices.to_numpy()
+    starts = np.flatnonzero(np.r_[True, enc[1:] != enc[:-1]])
+    return t, np.diff(np.r_[starts, n])
+
+
+def _np(col) -> np.ndarray:
+    return col.combine_chunks().to_numpy(zero_copy_only=False) if isinstance(col, pa.ChunkedArray) else col.to_numpy(zero_copy_only=False)
+
+
+def _pretruncate(t: pa.Table, item_vocab: pa.Array, keep_users: pa.Array | None, spec: SplitSpec) -> pa.Table:
+    """One input block: drop rows that cannot be among a user's stored events (split.block_keep),
+    so a user with a huge share of the log cannot make its bucket's task explode. The counts of
+    dropped rows ride on one kept row per user and block."""
+    t, lengths = _filter_sort(t, item_vocab, keep_users)
+    stamps = _np(t["timestamp"])
+    keep = block_keep(lengths, stamps, _np(t["item"]), spec)
+    user = np.repeat(np.arange(len(lengths)), lengths)
+    pre = stamps < spec.cut if spec.kind == "time" else np.ones(len(stamps), bool)
+    U = len(lengths)
+    skip_pre = np.bincount(user, weights=~keep & pre, minlength=U).astype(np.int64)
+    skip_post = np.bincount(user, weights=~keep & ~pre, minlength=U).astype(np.int64)
+    first_kept = np.full(U, -1, np.int64)
+    kept_rows = np.flatnonzero(keep)
+    first_kept[user[kept_rows][::-1]] = kept_rows[::-1]  # smallest kept row of each user
+    col_pre, col_post = np.zeros(len(stamps), np.int64), np.zeros(len(stamps), np.int64)
+    col_pre[first_kept] = skip_pre
+    col_post[first_kept] = skip_post
+    t = t.drop_columns(["item"]).append_column("_skip_pre", pa.array(col_pre)).append_column("_skip_post", pa.array(col_post))
+    return t.filter(pa.array(keep))
+
+
+def _bucket_sequences(t: pa.Table, item_vocab: pa.Array, keep_users: pa.Array | None, spec: SplitSpec) -> pa.Table:
+    """All users of one bucket: stable-sort, place the split (split.positions), cut list columns.
+
+    Every user that reached the bucket is returned, with ``_keep`` false for users the split drops,
+    so the driver can count them; ``_n_in``/``_truncated``/``_unused`` count the user's rows."""
+    t, lengths = _filter_sort(t, item_vocab, keep_users)
+    stamps = _np(t["timestamp"]) if t.num_rows else np.zeros(0, np.int64)
+    items = _np(t["item"]) if t.num_rows else np.zeros(0, np.int32)
+    skips = [_np(t[c]) if c in t.column_names and t.num_rows else None for c in ("_skip_pre", "_skip_post")]
+    p = positions(lengths, stamps, items, spec, *skips)
+    user = np.repeat(np.arange(len(lengths)), lengths)
+    kept_len = np.bincount(user[p.keep_row], minlength=len(lengths))
+    offsets = pa.array(np.r_[0, np.cumsum(kept_len)].astype(np.int32))
+    starts = (np.cumsum(lengths) - lengths).astype(np.int64)
+    n_in = lengths + sum(np.bincount(user, weights=s, minlength=len(lengths)).astype(np.int64) for s in skips if s is not None)
     cols = {
-        "user_id": t["user_id"].take(pa.array(starts[keep_user], pa.int64())),
-        "items": pa.ListArray.from_arrays(offsets, pa.array(items, pa.int32())),
-        "timestamps": pa.ListArray.from_arrays(offsets, pa.array(stamps, pa.int64())),
+        "user_id": t["user_id"].take(pa.array(starts, pa.int64())),
+        "items": pa.ListArray.from_arrays(offsets, pa.array(items[p.keep_row], pa.int32())),
+        "timestamps": pa.ListArray.from_arrays(offsets, pa.array(stamps[p.keep_row], pa.int64())),
     }
     if "rating" in t.column_names:
-        ratings = t["rating"].combine_chunks().to_numpy(zero_copy_only=False)[row_keep]
+        ratings = _np(t["rating"])[p.keep_row]
         cols["ratings"] = pa.ListArray.from_arrays(offsets, pa.array(ratings, pa.float32()))
+    cols.update({"train_len": p.train_len, "val_pos": p.val_pos, "test_pos": p.test_pos, "_keep": p.keep_user,
+                 "_n_in": n_in.astype(np.int64), "_truncated": p.truncated.astype(np.int64), "_unused": p.unused_post.astype(np.int64)})
     return pa.table(cols)
 
 
@@ -169,6 +219,7 @@ def eval_negatives(user_idx: np.ndarray, offsets: np.ndarray, items: np.ndarray,
 
 
 def _finish_batch(t: pa.Table, user_vocab: pa.Array, num_items: int, k: int, seed: int) -> pa.Table:
+    t = t.filter(t["_keep"])
     user_idx = pc.add(pc.cast(pc.index_in(t["user_id"], value_set=user_vocab), pa.int64()), 1)
     t = t.append_column("user_idx", user_idx)
     if k:
@@ -179,18 +230,7 @@ def _finish_batch(t: pa.Table, user_vocab: pa.Array, num_items: int, k: int, see
         )
         t = t.append_column("eval_negatives", pa.FixedSizeListArray.from_arrays(pa.array(negs.ravel()), k).cast(pa.list_(pa.int32())))
     extra = ["ratings"] if "ratings" in t.column_names else []
-    return t.select(["user_idx", "user_id", "items", "timestamps"] + extra + (["eval_negatives"] if k else []))
-
-
-def _count_values(ds, column: str) -> pa.Table:
-    """Value counts of one column, streamed to the driver block by block."""
-    parts = []
-    for b in ds.select_columns([column]).iter_batches(batch_format="pyarrow", batch_size=None):
-        vc = pc.value_counts(b[column])
-        parts.append(pa.table({"v": vc.field("values"), "n": vc.field("counts")}))
-        if len(parts) > 64:
-            parts = [pa.concat_tables(parts).group_by("v").aggregate([("n", "sum")]).rename_columns(["v", "n"])]
-    return pa.concat_tables(parts).group_by("v").aggregate([("n", "sum")]).rename_columns(["v", "n"])
+    return t.select(["user_idx", "user_id", "items", "timestamps"] + extra + list(SPLIT_COLUMNS) + (["eval_negatives"] if k else []))
 
 
 def _write_json(fs: pafs.FileSystem, path: str, obj: dict) -> None:
@@ -234,10 +274,73 @@ def _data_error_in(e: BaseException | None, depth: int = 0) -> DataError | None:
     return None
 
 
+def _first_pass(ds, progress: bool) -> tuple[pa.Table, pa.Table, int, int]:
+    """User counts, item counts and the timestamp range in one stream over the log."""
+    cu, ci = Counts(), Counts()
+    lo, hi = None, None
+    for t in scan(ds, ["user_id", "item_id", "timestamp"], "counting" if progress else None):
+        cu.add(t["user_id"])
+        ci.add(t["item_id"])
+        mm = pc.min_max(t["timestamp"])
+        lo = mm["min"].as_py() if lo is None else min(lo, mm["min"].as_py())
+        hi = mm["max"].as_py() if hi is None else max(hi, mm["max"].as_py())
+    schema = ds.schema().base_schema
+    return cu.table(schema.field("user_id").type), ci.table(schema.field("item_id").type), int(lo), int(hi)
+
+
+def _time_spec(ds, cfg: DataConfig, rows_in: int, lo: int, hi: int, item_vocab: pa.Array, keep_users, progress: bool) -> tuple[SplitSpec, dict]:
+    def stamps():
+        for t in scan(ds, ["timestamp"]):
+            yield _np(t["timestamp"]).astype(np.int64)
+
+    cut = exact_quantile(stamps, rows_in, cfg.time_quantile, lo, hi)
+    pre_rows = 0
+    seen = Counts()
+    for t in scan(ds, ["user_id", "item_id", "timestamp"], "time split" if progress else None):
+        m = row_mask(t, keep_users, item_vocab)
+        pre = pc.less(t["timestamp"], cut)
+        t = t.filter(pre if m is None else pc.and_(m, pre))
+        pre_rows += t.num_rows
+        seen.add(t["item_id"])
+    pre_items = np.zeros(len(item_vocab) + 1, bool)
+    ids = seen.table(item_vocab.type)["v"]
+    pre_items[pc.add(pc.index_in(ids, value_set=item_vocab), 1).to_numpy(zero_copy_only=False)] = True
+    info = {"cut_timestamp": cut, "time_quantile": cfg.time_quantile, "pre_cut_rows_kept": pre_rows,
+            "pre_cut_items": int(pre_items.sum())}
+    return SplitSpec("time", cfg.max_history, cut, pre_items), info
+
+
+def _drops(steps: list[dict]) -> dict[str, int]:
+    """Rows removed by each kind of filter step (the step names say which filter ran)."""
+    out = {"rare_item_rows": 0, "short_user_rows": 0}
+    for prev, cur in zip(steps, steps[1:]):
+        key = "rare_item_rows" if cur["step"].startswith("min_item") else "short_user_rows"
+        out[key] += prev["rows"] - cur["rows"]
+    return out
+
+
+def _no_sequences(cfg: DataConfig, steps: list[dict], what: str) -> DataError:
+    trail = "; ".join(f"{s['step']}: {s['rows']:,} rows, {s['users']:,} users, {s['items']:,} items" for s in steps)
+    return DataError(f"no sequences after filtering ({what}); filter counts: {trail}. Lower "
+                     "data.min_user_interactions / data.min_item_interactions (or turn off data.kcore), "
+                     f"or check data.split={cfg.split}")
+
+
+REPORT_KEYS = ("rows_in", "rows_out", "users_in", "users_out", "items_in", "items_out", "drops", "steps", "split",
+               "users_by_length", "inputs", "ignored_files", "buckets", "timings")
+
+
 def _build(cfg: DataConfig, force: bool) -> SequenceData:
     import ray
 
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 3)
+        return now
+
     fs, path = resolve(cfg.log)
     files = list_files(fs, path)
     units, schema = plan(fs, files)
@@ -246,6 +349,8 @@ def _build(cfg: DataConfig, force: bool) -> SequenceData:
     key_src = {"inputs": [(i["sha256"], i["bytes"]) for i in inputs], "version": BUILD_VERSION,
                "min_user": cfg.min_user_interactions, "min_item": cfg.min_item_interactions,
                "eval_negatives": cfg.eval_negatives, "seed": cfg.seed}
+    key_src.update(split=cfg.split, time_quantile=cfg.time_quantile if cfg.split == "time" else None,
+                   kcore=cfg.kcore, max_history=cfg.max_history)
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     root_uri = _join(cache_root(cfg, fs, path), key)
     rfs, root = resolve(root_uri) if "://" in root_uri else (fs, root_uri)
@@ -253,38 +358,57 @@ def _build(cfg: DataConfig, force: bool) -> SequenceData:
     if meta and meta.get("build_version") == BUILD_VERSION:
         log.info("sequences cache hit: %s", root)
         return SequenceData(root_uri, meta["items_out"], meta["users_out"], meta)
+    t = lap("plan_and_hash_s", t0)
 
     rows_in = sum(u.rows for u in units)
+    progress = rows_in >= 5_000_000  # a bar only where a build takes long enough to wonder
     buckets = cfg.num_buckets or max(2, min(256, math.ceil(rows_in / 2_000_000)))
     log.info("building sequences from %d rows in %d file(s), %d read units, %d user buckets", rows_in, len(files), len(units), buckets)
     ds = ray.data.from_items([{"unit": asdict(u)} for u in units], override_num_blocks=min(len(units), 1000))
     ds = ds.map_batches(_read_batch, fn_kwargs={"fs": fs, "buckets": buckets, "with_rating": with_rating}, batch_size=1, batch_format="pyarrow")
     ds = ds.materialize()
-    item_counts = _count_values(ds, "item_id")
-    user_count = len(_count_values(ds, "user_id"))
-    t_read = time.perf_counter() - t0
+    t = lap("read_s", t)
 
-    kept = item_counts.filter(pc.greater_equal(item_counts["n"], max(1, cfg.min_item_interactions)))
-    item_vocab = pc.sort_indices(kept["v"])
-    item_vocab = kept.take(item_vocab)
-    rare_rows = int(pc.sum(item_counts["n"]).as_py() - pc.sum(kept["n"]).as_py()) if kept.num_rows else rows_in
-    if kept.num_rows == 0:
-        raise DataError(f"no item has >= data.min_item_interactions={cfg.min_item_interactions} interactions; lower it")
+    user_counts, item_counts, ts_lo, ts_hi = _first_pass(ds, progress)
+    f = apply_filters(ds, user_counts, item_counts, cfg.min_user_interactions, cfg.min_item_interactions, cfg.kcore, progress)
+    if f.items.num_rows == 0 or f.steps[-1]["users"] == 0:
+        raise _no_sequences(cfg, f.steps, "the min-interaction filters removed every row")
+    item_vocab = f.items["v"].combine_chunks()
+    num_items = f.items.num_rows
+    t = lap("count_and_filter_s", t)
 
-    seqs = ds.groupby("bucket").map_groups(
+    split_info: dict[str, Any] = {"kind": cfg.split}
+    if cfg.split == "time":
+        spec, info = _time_spec(ds, cfg, rows_in, ts_lo, ts_hi, item_vocab, f.keep_users, progress)
+        split_info.update(info)
+    else:
+        spec = SplitSpec("leave_last_two", cfg.max_history)
+    t = lap("split_cut_s", t)
+
+    src = ds
+    if cfg.max_history or cfg.split == "time":
+        src = ds.map_batches(_pretruncate, batch_size=None, batch_format="pyarrow",
+                             fn_kwargs={"item_vocab": item_vocab, "keep_users": f.keep_users, "spec": spec})
+    # one shuffle partition per user bucket: a bucket is the unit of work, never a user
+    seqs = src.groupby("bucket", num_partitions=buckets).map_groups(
         _bucket_sequences, batch_format="pyarrow",
-        fn_kwargs={"item_vocab": item_vocab["v"].combine_chunks(), "min_user": cfg.min_user_interactions},
+        fn_kwargs={"item_vocab": item_vocab, "keep_users": f.keep_users, "spec": spec},
     ).materialize()
-    users, lengths = [], []
-    for b in seqs.iter_batches(batch_format="pyarrow", batch_size=None):
-        users.append(b["user_id"])
-        lengths.append(pc.list_value_length(b["items"]).to_numpy())
+    users, lengths, parts = [], [], []
+    for b in scan(seqs, ["user_id", "items", *SPLIT_COLUMNS, "_keep", "_n_in", "_truncated", "_unused"]):
+        keep = b["_keep"].to_numpy(zero_copy_only=False)
+        users.append(b["user_id"].filter(b["_keep"]))
+        lengths.append(pc.list_value_length(b["items"]).to_numpy(zero_copy_only=False)[keep])
+        parts.append({c: _np(b[c]) for c in ("train_len", "val_pos", "test_pos", "_n_in", "_truncated", "_unused")} | {"_keep": keep})
+    cat = {c: np.concatenate([p[c] for p in parts]) if parts else np.zeros(0, np.int64) for c in
+           ("train_len", "val_pos", "test_pos", "_n_in", "_truncated", "_unused", "_keep")}
+    kept = cat["_keep"].astype(bool)
     users = pa.chunked_array(users, seqs.schema().base_schema.field("user_id").type)
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     if len(users) == 0:
-        raise DataError(f"no user has >= data.min_user_interactions={cfg.min_user_interactions} interactions left; lower it")
+        raise _no_sequences(cfg, f.steps, f"no user has an event before the time cut {split_info.get('cut_timestamp')}"
+                            if cfg.split == "time" else "no user left")
     user_vocab = users.take(pc.sort_indices(users)).combine_chunks()
-    num_items = kept.num_rows
     seqs = seqs.map_batches(
         _finish_batch, batch_format="pyarrow",
         fn_kwargs={"user_vocab": user_vocab, "num_items": num_items, "k": cfg.eval_negatives, "seed": cfg.seed},
@@ -292,30 +416,46 @@ def _build(cfg: DataConfig, force: bool) -> SequenceData:
     seq_uri = _join(root_uri, "sequences")
     seqs.write_parquet(seq_uri)
     rows_out = int(lengths.sum())
+    t = lap("sequences_s", t)
 
     rfs.create_dir(_join(root, "vocab"), recursive=True)
-    pq.write_table(pa.table({"item_idx": pa.array(np.arange(1, num_items + 1, dtype=np.int32)), "item_id": item_vocab["v"], "count": item_vocab["n"]}),
+    pq.write_table(pa.table({"item_idx": pa.array(np.arange(1, num_items + 1, dtype=np.int32)), "item_id": item_vocab, "count": f.items["n"]}),
                    _join(root, "vocab", "items.parquet"), filesystem=rfs)
     pq.write_table(pa.table({"user_idx": pa.array(np.arange(1, len(user_vocab) + 1, dtype=np.int64)), "user_id": user_vocab}),
                    _join(root, "vocab", "users.parquet"), filesystem=rfs)
+    drops = _drops(f.steps)
+    drops["truncated_rows"] = int(cat["_truncated"][kept].sum())  # data.max_history
+    if cfg.split == "time":
+        drops["post_cut_unused_rows"] = int(cat["_unused"][kept].sum())
+        drops["post_cut_only_user_rows"] = int(cat["_n_in"][~kept].sum())
+    users_in = user_counts.num_rows
+    drops["users_dropped"] = users_in - int(len(user_vocab))
+    tl, vp, tp = cat["train_len"][kept], cat["val_pos"][kept], cat["test_pos"][kept]
+    split_info.update({
+        "val_users": int((vp >= 0).sum()), "test_users": int((tp >= 0).sum()),
+        "train_only_users": int(((vp < 0) & (tp < 0) & (tl >= 2)).sum()),
+        "no_training_pair_users": int((tl < 2).sum()),
+    })
+    if cfg.split == "time":
+        split_info.update({"users_without_pre_cut_events": int((~kept).sum()),
+                           "users_without_eligible_holdout": int((tp < 0).sum())})
     meta = {
         "build_version": BUILD_VERSION, "key": key, "root": root_uri, "log": cfg.log, "inputs": inputs,
+        "ignored_files": ignored_files(fs, path),
         "data_config": asdict(cfg),
-        "rows_in": rows_in, "rows_out": rows_out, "users_in": user_count, "users_out": int(len(user_vocab)),
+        "rows_in": rows_in, "rows_out": rows_out, "users_in": users_in, "users_out": int(len(user_vocab)),
         "items_in": int(item_counts.num_rows), "items_out": num_items,
-        "drops": {
-            "rare_item_rows": rare_rows,
-            "short_user_rows": rows_in - rare_rows - rows_out,
-            "users_dropped": user_count - int(len(user_vocab)),
-        },
+        "drops": drops, "steps": f.steps, "split": split_info,
         "users_by_length": {
             "evaluable (>=3: train + valid + test)": int((lengths >= 3).sum()),
             "train_only (2: too short for valid/test)": int((lengths == 2).sum()),
             "unusable (1: no training pair)": int((lengths == 1).sum()),
-        },
+        } if cfg.split == "leave_last_two" else {},
         "buckets": buckets,
-        "timings": {"read_s": round(t_read, 3), "total_s": round(time.perf_counter() - t0, 3)},
+        "timings": timings,
     }
+    timings["total_s"] = round(time.perf_counter() - t0, 3)
+    _write_json(rfs, _join(root, "data_report.json"), {k: meta[k] for k in REPORT_KEYS})
     _write_json(rfs, _join(root, "meta.json"), meta)  # last: marks the build complete
     log.info("sequences: %d users, %d items, %d of %d rows kept, drops %s -> %s",
              meta["users_out"], num_items, rows_out, rows_in, meta["drops"], root_uri)
