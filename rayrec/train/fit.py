@@ -11,6 +11,7 @@ from typing import Any
 from rayrec.config import Config, ConfigError
 from rayrec.data.sequences import SequenceData, build_sequences
 from rayrec.ray_env import init_ray
+from rayrec.train import faults
 from rayrec.train.loop import train_loop
 
 log = logging.getLogger("rayrec.train")
@@ -26,11 +27,16 @@ class FitResult:
 
 
 def _check_run_dir(cfg: Config) -> None:
+    """Same name + resume=true continues a run; a non-empty run folder without it is refused."""
     run_dir = cfg.run_dir
-    has_ckpt = run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
-    if has_ckpt and not cfg.resume:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} exists and is not a folder; choose another name=... or output_dir=...")
+    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
+    if entries and not cfg.resume:
+        ckpts = [e for e in entries if e.startswith("checkpoint_")]
+        what = f"{len(ckpts)} checkpoint folder(s)" if ckpts else f"files from an earlier run ({', '.join(entries[:4])})"
         raise ConfigError(
-            f"run folder {run_dir} already holds checkpoints; pass resume=true to continue it, "
+            f"run folder {run_dir} already holds {what}; pass resume=true to continue it, "
             "or choose a new name=... (nothing was overwritten)"
         )
 
@@ -49,7 +55,8 @@ def trainer_for(cfg: Config, data: SequenceData, callbacks: list | None = None):
     storage = s.storage_path or str(cfg.run_dir.parent)
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "num_items": data.num_items, "num_users": data.num_users},
+        train_loop_config={"cfg": cfg.to_dict(), "num_items": data.num_items, "num_users": data.num_users,
+                           "fault": faults.from_env()},  # test-only fault injection (rayrec/train/faults.py)
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker} if s.num_workers else None),
         torch_config=TorchConfig(backend=backend, timeout_s=s.timeout_s),
