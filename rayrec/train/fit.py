@@ -33,7 +33,7 @@ def _check_run_dir(cfg: Config) -> None:
         raise ConfigError(f"run folder {run_dir} exists and is not a folder; choose another name=... or output_dir=...")
     entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
     if entries and not cfg.resume:
-        ckpts = [e for e in entries if e.startswith("checkpoint_")]
+        ckpts = [e for e in entries if e.startswith("checkpoint_") and (run_dir / e).is_dir()]
         what = f"{len(ckpts)} checkpoint folder(s)" if ckpts else f"files from an earlier run ({', '.join(entries[:4])})"
         raise ConfigError(
             f"run folder {run_dir} already holds {what}; pass resume=true to continue it, "

@@ -253,6 +253,7 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
         if opt:
             optimizer.load_state_dict(opt["optimizer"])
         state.update(ckpt.load_state(resume_dir))
+        state["resumed_at_epochs"] = [*state.get("resumed_at_epochs", []), state["epoch"]]  # audit trail
         log.info("rank %d resumed from %s at epoch %d", rank, resume_dir, state["epoch"])
     ddp = model
     if world > 1:
@@ -269,6 +270,10 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.train))
     if resume_dir and opt and opt.get("scheduler"):
         scheduler.load_state_dict(opt["scheduler"])
+        # LambdaLR's constructor set each group's lr to factor(0); load_state_dict restores the step
+        # count but not the lr, so the first step after a resume would run at the warm-up lr
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
     batches = EpochBatches(store, store.forbidden_keys() if model.head.needs_negatives else None, users, cfg, rank,
                            per_rank, steps, model.head)
     tb = TBLogger(cfg.run_dir / "tensorboard" if rank == 0 else None, state["global_step"])
