@@ -4,6 +4,7 @@ Each runs in a subprocess (its own process group, its own Ray) with a timeout, a
 the processes it started. The shared session cluster is not used here."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,9 +24,19 @@ SMALL = ["train.max_steps_per_epoch=3", "train.batch_size=64", "model.max_len=20
          "model.num_heads=2", "train.warmup_steps=2"]
 
 
-def _env(**extra):
+@pytest.fixture
+def ray_tmp():
+    """A private Ray temp dir (RAY_TMPDIR) per test. ``ray.init()`` without an address joins the cluster
+    recorded in <tmp>/ray/ray_current_cluster: sharing /tmp/ray would let our clusters and other
+    processes' on this machine find each other. Short, for Ray's unix socket paths (< 107 bytes)."""
+    path = tempfile.mkdtemp(prefix="rr")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _env(ray_tmp, **extra):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYREC_FAULT")}
-    env.update(RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+    env.update(RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), RAY_TMPDIR=ray_tmp, **extra)
     return env
 
 
@@ -37,8 +48,8 @@ def _kill_group(proc):
     proc.wait(timeout=30)
 
 
-def _train(args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), *args], env=_env(), cwd=ROOT,
+def _train(args, ray_tmp, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), *args], env=_env(ray_tmp), cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, start_new_session=True)
 
 
@@ -52,11 +63,11 @@ def _tb_steps(run_dir, tag):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_driver_killed_and_resubmitted_resumes_after_the_last_checkpoint(synthetic_log, tmp_path):
+def test_driver_killed_and_resubmitted_resumes_after_the_last_checkpoint(synthetic_log, tmp_path, ray_tmp):
     args = [str(ROOT / "configs" / "quickstart.yaml"), f"data.log={synthetic_log}", f"output_dir={tmp_path}",
             "name=killed", "train.epochs=6", "scale.num_workers=1", "scale.cpus_per_worker=1", *SMALL]
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), *args], env=_env(), cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), *args], env=_env(ray_tmp), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
@@ -66,15 +77,14 @@ def test_driver_killed_and_resubmitted_resumes_after_the_last_checkpoint(synthet
             time.sleep(0.2)
     finally:
         _kill_group(proc)  # SIGKILL: no cleanup, no final report
-    before = {p.name: (p / ckpt.MANIFEST).read_text() for p in run_dir.glob("checkpoint_*") if ckpt.MANIFEST in
-              {q.name for q in p.iterdir()}}
+    before = {p.name: (p / ckpt.MANIFEST).read_text() for p in ckpt.candidates(run_dir) if (p / ckpt.MANIFEST).exists()}
     killed_at = max(ckpt.load_state(run_dir / n)["epoch"] for n in before)
     assert killed_at < 6 and not (run_dir / "final_metrics.json").exists()
 
-    refused = _train(args)
+    refused = _train(args, ray_tmp)
     assert refused.returncode == 2 and "resume=true" in refused.stderr, refused.stderr[-2000:]
 
-    resumed = _train(args + ["resume=true"])
+    resumed = _train(args + ["resume=true"], ray_tmp)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["epoch"] == 6
@@ -90,10 +100,11 @@ def test_driver_killed_and_resubmitted_resumes_after_the_last_checkpoint(synthet
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_node_loss_recovers_when_capacity_returns_and_never_loads_a_partial_checkpoint(synthetic_log, tmp_path):
+def test_node_loss_recovers_when_capacity_returns_and_never_loads_a_partial_checkpoint(synthetic_log, tmp_path,
+                                                                                      ray_tmp):
     result = tmp_path / "result.json"
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "node_loss_script.py"), synthetic_log,
-                             str(tmp_path), str(result)], env=_env(), cwd=ROOT, start_new_session=True,
+                             str(tmp_path), str(result)], env=_env(ray_tmp), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=480)
@@ -102,7 +113,8 @@ def test_node_loss_recovers_when_capacity_returns_and_never_loads_a_partial_chec
     assert result.exists(), out[-4000:]
     events = json.loads(result.read_text())
     assert events.get("capacity_back") and events["ok"], (events, out[-4000:])
-    assert events["epoch"] == 5 and Path(events["checkpoint"]).name == ckpt.dir_name(5, final=True)
+    assert events["epoch"] == 10 and Path(events["checkpoint"]).name == ckpt.dir_name(10, final=True)
+    assert events["resumed_at_epochs"] and events["resumed_at_epochs"][0] >= 2, events  # restarted, not from 0
     assert "skipping checkpoint" in out and ckpt.dir_name(99) in out, out[-4000:]  # the partial one, logged
 
 
@@ -114,14 +126,17 @@ def _free_port():
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_job_submission_to_a_loopback_head(synthetic_log, tmp_path):
+def test_job_submission_to_a_loopback_head(synthetic_log, tmp_path, ray_tmp):
     ray_bin = str(Path(sys.executable).parent / "ray")
-    temp = tempfile.mkdtemp(prefix="rr")  # short: Ray's unix socket paths must stay under 107 bytes
     port, dash = _free_port(), _free_port()
+    # every fixed default port moved, so a cluster someone else runs on this machine cannot collide
+    ports = [f"--{flag}={_free_port()}" for flag in (
+        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port")]
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus=2", f"--port={port}",
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             f"--temp-dir={temp}", "--include-dashboard=true"],
-                            env=_env(), cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                             f"--temp-dir={ray_tmp}", "--include-dashboard=true", *ports],
+                            env=_env(ray_tmp), cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -140,7 +155,7 @@ def test_job_submission_to_a_loopback_head(synthetic_log, tmp_path):
             [ray_bin, "job", "submit", f"--address={address}", "--working-dir", ".", "--",
              "python", "jobs/train.py", "configs/quickstart.yaml", f"data.log={synthetic_log}",
              f"output_dir={tmp_path}", "name=job", "train.epochs=1", *SMALL],
-            env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=400)
+            env=_env(ray_tmp), cwd=ROOT, capture_output=True, text=True, timeout=400)
         assert sub.returncode == 0 and "succeeded" in sub.stdout, (sub.stdout[-3000:], sub.stderr[-3000:])
         job_id = JobSubmissionClient(address).list_jobs()[-1].submission_id
         logs = JobSubmissionClient(address).get_job_logs(job_id)

@@ -90,8 +90,8 @@ def _check_resources(cfg: Config) -> None:
 
 
 def fit(cfg: Config) -> FitResult:
+    _check_run_dir(cfg)  # before starting Ray: a refused run costs nothing
     init_ray()
-    _check_run_dir(cfg)
     _check_resources(cfg)
     data = build_sequences(cfg.data)
     run_dir = cfg.run_dir

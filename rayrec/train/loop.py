@@ -318,6 +318,7 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
             if rank == 0:
                 log.info("epoch %d/%d loss %.4f %.1f seq/s %s", epoch + 1, cfg.train.epochs, metrics["train_loss"],
                          metrics["seq_per_s"], {k: round(v, 4) for k, v in last_val.items() if k == metric})
+            tb.flush()
             _report_with_checkpoint(report, rank, metrics, model.state_dict(), best_state, optimizer, scheduler, state, cfg)
             if done:
                 break

@@ -41,6 +41,12 @@ class TBLogger:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
         self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="hparams")
 
+    def flush(self) -> None:
+        """Called before each checkpoint: events up to a checkpoint survive a SIGKILL (the writer
+        otherwise buffers up to two minutes), and a resume purges only what came after it."""
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
