@@ -61,6 +61,13 @@ def cmd_evaluate(a) -> None:
         print(json.dumps(metrics))
 
 
+def cmd_submit(a) -> None:
+    from rayrec.submit import submit
+
+    job_id = submit(a.config, a.overrides, a.address, a.working_dir, wait=not a.no_wait)
+    print(f"submitted {job_id}; logs: ray job logs {job_id} --address {a.address}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rayrec", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -68,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "prepare": (cmd_prepare, "convert data.source into data.log (if missing) and build the sequences"),
         "train": (cmd_train, "train on Ray Train; prints validation/test metrics and the TensorBoard command"),
         "evaluate": (cmd_evaluate, "evaluate a run/checkpoint folder (or a YAML with eval.checkpoint)"),
+        "submit": (cmd_submit, "preflight the working dir and submit jobs/train.py to a Ray cluster (docs/operations.md)"),
     }
     for name, (fn, help_) in specs.items():
         sp = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG)
@@ -77,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--force", action="store_true", help="re-convert the source and rebuild the sequences")
         if name == "evaluate":
             sp.add_argument("--json", action="store_true", help="also print the metrics as one JSON line")
+        if name == "submit":
+            sp.add_argument("--address", default="http://127.0.0.1:8265", help="Ray job API (dashboard) address")
+            sp.add_argument("--working-dir", default=".", help="folder uploaded with the job (data excluded)")
+            sp.add_argument("--no-wait", action="store_true", help="return after submission")
         sp.set_defaults(fn=fn)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -220,7 +220,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in o:
             raise ConfigError(f"override {o!r} must look like key.sub=value (e.g. train.lr=0.001)")
         key, raw = o.split("=", 1)
-        _set_path(out, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {o!r}: the value is not valid YAML ({err.problem}); quote it") from None
+        _set_path(out, key.strip(), value)
     return out
 
 
@@ -294,6 +298,9 @@ def validate(cfg: Config) -> Config:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    from rayrec.safety import check_config  # run name charset, URL schemes/queries, absolute local paths
+
+    check_config(cfg)
     return cfg
 
 

@@ -1,16 +1,22 @@
-"""Checkpoints that describe themselves and load without executing pickled code.
+"""Checkpoints that describe themselves, verify themselves and load without executing pickled code.
 
 A checkpoint folder holds ``model.safetensors`` (current weights), ``best_model.safetensors``
 (best-on-validation weights), ``optimizer.pt`` (tensors and numbers only, loaded with
-``weights_only=True``), ``config.yaml`` (everything needed to rebuild the model) and
-``state.json`` (progress).
+``weights_only=True``), ``config.yaml`` (everything needed to rebuild the model), ``state.json``
+(progress) and, written last and atomically, ``manifest.json``: the size and sha256 of every
+other file. A folder whose manifest is missing or does not match its files was interrupted
+(killed writer, full disk, node lost during upload) and is never loaded; resume falls back to
+the newest folder that verifies and logs every folder it skipped.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,16 +26,82 @@ BEST = "best_model.safetensors"
 OPTIM = "optimizer.pt"
 STATE = "state.json"
 CONFIG = "config.yaml"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+log = logging.getLogger("rayrec.train")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that is incomplete, corrupted or not a checkpoint; the message says which file."""
 
 
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # readers see the old file or the whole new one, never half of it
+
+
+def write_manifest(folder: str | Path) -> dict[str, Any]:
+    """Record size and sha256 of every file in ``folder``; called after the last data file is closed."""
+    folder = Path(folder)
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    state = json.loads((folder / STATE).read_text()) if (folder / STATE).exists() else {}
+    manifest = {"format": MANIFEST_FORMAT, "epoch": state.get("epoch"), "global_step": state.get("global_step"),
+                "files": files}
+    _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def verify(folder: str | Path) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; raises :class:`CheckpointError` naming what is wrong."""
+    folder = Path(folder)
+    mpath = folder / MANIFEST
+    if not mpath.exists():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (the write was interrupted, or the folder is not a checkpoint)")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}: unreadable {MANIFEST} ({e})") from None
+    for required in (MODEL, STATE, CONFIG):
+        if required not in files:
+            raise CheckpointError(f"{folder}: {MANIFEST} does not list {required}")
+    for name, meta in files.items():
+        if "/" in name or name.startswith("."):
+            raise CheckpointError(f"{folder}: {MANIFEST} lists an unsafe file name {name!r}")
+        p = folder / name
+        if not p.is_file():
+            raise CheckpointError(f"{folder}: {name} is missing")
+        size = p.stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointError(f"{folder}: {name} has {size} bytes, the manifest says {meta['bytes']} (truncated write?)")
+        if _sha256(p) != meta["sha256"]:
+            raise CheckpointError(f"{folder}: {name} does not match its sha256 in the manifest (corrupted)")
+    return manifest
+
+
 def save(folder: str | Path, *, model_state, best_state, optimizer_state, state: dict[str, Any], config_yaml: str,
          scheduler_state: dict | None = None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)  # rewriting a folder: it is incomplete until the new manifest lands
     save_file(_contiguous(model_state), str(folder / MODEL))
     if best_state is not None:
         save_file(_contiguous(best_state), str(folder / BEST))
@@ -37,6 +109,7 @@ def save(folder: str | Path, *, model_state, best_state, optimizer_state, state:
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state}, folder / OPTIM)
     (folder / STATE).write_text(json.dumps(state, indent=2) + "\n")
     (folder / CONFIG).write_text(config_yaml)
+    write_manifest(folder)
     return folder
 
 
@@ -44,30 +117,64 @@ def load_state(folder: str | Path) -> dict[str, Any]:
     return json.loads((Path(folder) / STATE).read_text())
 
 
-def load_weights(folder: str | Path, best: bool = False) -> dict[str, torch.Tensor]:
+def load_weights(folder: str | Path, best: bool = False, verified: bool = False) -> dict[str, torch.Tensor]:
+    """Weights through safetensors only (no pickle); the folder is verified first unless ``verified``."""
     folder = Path(folder)
-    path = folder / BEST if best and (folder / BEST).exists() else folder / MODEL
-    return load_file(str(path))
+    files = verify(folder)["files"] if not verified else None
+    use_best = best and ((BEST in files) if files is not None else (folder / BEST).exists())
+    return load_file(str(folder / (BEST if use_best else MODEL)))
 
 
 def load_optimizer(folder: str | Path) -> dict | None:
     path = Path(folder) / OPTIM
+    # weights_only: a crafted pickle (os.system in __reduce__ ...) is refused instead of run
     return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 
 
 def persist(src: str | Path, run_dir: Path, epoch: int, final: bool = False) -> str:
     """Copy a checkpoint into ``run_dir/checkpoint_<epoch>`` atomically (write aside, then rename)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    dest = run_dir / f"checkpoint_{epoch:06d}{'_final' if final else ''}"
+    dest = run_dir / dir_name(epoch, final)
     tmp = run_dir / f".{dest.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    verify(tmp)
+    if dest.exists():  # never replace an existing checkpoint in place: move it aside, then drop it
+        old = run_dir / f".{dest.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(dest)
     return str(dest)
 
 
-def latest(run_dir: Path) -> str | None:
-    """The newest complete checkpoint folder in a run folder (``state.json`` is written last)."""
-    found = sorted(p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE).exists() and (p / MODEL).exists())
-    return str(found[-1]) if found else None
+def dir_name(epoch: int, final: bool = False) -> str:
+    """Checkpoint folder name; zero-padded so name order is training order (final sorts after its epoch)."""
+    return f"checkpoint_{epoch:06d}{'_final' if final else ''}"
+
+
+def candidates(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders of a run folder, newest first (by name: ``dir_name`` sorts in training order)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), reverse=True)
+
+
+def newest_valid(folders: Iterable[str | Path]) -> str | None:
+    """The first folder (newest first) that verifies; every skipped folder is logged with its reason."""
+    for folder in folders:
+        try:
+            verify(folder)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint: %s; falling back to an earlier one", e)
+            continue
+        return str(folder)
+    return None
+
+
+def latest(run_dir: str | Path) -> str | None:
+    """The newest checkpoint folder in a run folder that verifies against its manifest."""
+    return newest_valid(candidates(run_dir))

@@ -11,6 +11,7 @@ from typing import Any
 from rayrec.config import Config, ConfigError
 from rayrec.data.sequences import SequenceData, build_sequences
 from rayrec.ray_env import init_ray
+from rayrec.train import faults
 from rayrec.train.loop import train_loop
 
 log = logging.getLogger("rayrec.train")
@@ -26,11 +27,16 @@ class FitResult:
 
 
 def _check_run_dir(cfg: Config) -> None:
+    """Same name + resume=true continues a run; a non-empty run folder without it is refused."""
     run_dir = cfg.run_dir
-    has_ckpt = run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
-    if has_ckpt and not cfg.resume:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} exists and is not a folder; choose another name=... or output_dir=...")
+    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
+    if entries and not cfg.resume:
+        ckpts = [e for e in entries if e.startswith("checkpoint_") and (run_dir / e).is_dir()]
+        what = f"{len(ckpts)} checkpoint folder(s)" if ckpts else f"files from an earlier run ({', '.join(entries[:4])})"
         raise ConfigError(
-            f"run folder {run_dir} already holds checkpoints; pass resume=true to continue it, "
+            f"run folder {run_dir} already holds {what}; pass resume=true to continue it, "
             "or choose a new name=... (nothing was overwritten)"
         )
 
@@ -49,7 +55,8 @@ def trainer_for(cfg: Config, data: SequenceData, callbacks: list | None = None):
     storage = s.storage_path or str(cfg.run_dir.parent)
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "num_items": data.num_items, "num_users": data.num_users},
+        train_loop_config={"cfg": cfg.to_dict(), "num_items": data.num_items, "num_users": data.num_users,
+                           "fault": faults.from_env()},  # test-only fault injection (rayrec/train/faults.py)
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker} if s.num_workers else None),
         torch_config=TorchConfig(backend=backend, timeout_s=s.timeout_s),
@@ -59,7 +66,10 @@ def trainer_for(cfg: Config, data: SequenceData, callbacks: list | None = None):
         dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(
             name=cfg.name, storage_path=storage, callbacks=callbacks,
-            failure_config=FailureConfig(max_failures=s.max_failures),
+            # without capacity (a lost node) Ray retries the worker-group start forever, one try per
+            # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s): bound that, unless an autoscaler is expected
+            failure_config=FailureConfig(max_failures=s.max_failures, controller_failure_limit=(
+                -1 if os.environ.get("RAYREC_AUTOSCALING") == "1" else int(os.environ.get("RAYREC_CAPACITY_RETRIES", "10")))),
             checkpoint_config=CheckpointConfig(num_to_keep=3),
         ),
     )
@@ -83,8 +93,8 @@ def _check_resources(cfg: Config) -> None:
 
 
 def fit(cfg: Config) -> FitResult:
+    _check_run_dir(cfg)  # before starting Ray: a refused run costs nothing
     init_ray()
-    _check_run_dir(cfg)
     _check_resources(cfg)
     data = build_sequences(cfg.data)
     run_dir = cfg.run_dir

@@ -12,6 +12,7 @@ import logging
 import math
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,8 @@ from rayrec.eval.baselines import MostPopular
 from rayrec.eval.evaluate import evaluate
 from rayrec.models import build_model
 from rayrec.train import checkpoint as ckpt
-from rayrec.train.tb import TBLogger
+from rayrec.train import faults
+from rayrec.train.tb import TBLogger, check_scalars
 
 log = logging.getLogger("rayrec.train")
 
@@ -182,24 +184,62 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if cfg.scale.use_gpu else torch.device("cpu")
     torch.set_num_threads(cfg.scale.threads_per_worker or max(1, int(cfg.scale.cpus_per_worker)))
     store = load_store(config["num_items"], rank, world, shard=ray.train.get_dataset_shard("sequences"))
-    checkpoint = ray.train.get_checkpoint()
     local = cfg.scale.num_workers == 0
-    resume_dir = checkpoint.to_directory() if checkpoint else None
-    if cfg.resume and resume_dir is None:  # local mode keeps checkpoints in the run folder itself
-        resume_dir = ckpt.latest(cfg.run_dir)
+    resume_dir = resume_source(ray.train.get_checkpoint(), cfg)
 
     def report(metrics, folder=None):
         from ray.train import Checkpoint
 
+        metrics = check_scalars(metrics)
+        name = ckpt.dir_name(int(metrics.get("epoch", 0)), final=bool(metrics.get("final")))
         if folder and local:  # local mode does not persist checkpoints: keep them in the run folder
             folder = ckpt.persist(folder, cfg.run_dir, int(metrics.get("epoch", 0)), final=bool(metrics.get("final")))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if folder else None)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if folder else None,
+                         checkpoint_dir_name=name if folder else None)
 
-    run(cfg, store, config["num_users"], rank, world, device, report, resume_dir=resume_dir)
+    progress = faults.Progress(rank, world)
+    try:
+        run(cfg, store, config["num_users"], rank, world, device, report, resume_dir=resume_dir,
+            fault=config.get("fault"), progress=progress)
+    except RuntimeError as e:
+        named = progress.explain(e, cfg.scale.timeout_s)
+        if named is None:
+            raise
+        raise named from e
+
+
+def resume_source(checkpoint, cfg: Config) -> str | None:
+    """The newest checkpoint folder that verifies: Ray's latest, else an earlier one (each skip logged).
+
+    Ray hands back the last *reported* checkpoint; a folder cut short by a killed writer or a lost
+    node is never loaded, and with local storage the run's earlier folders are the fallback.
+    """
+    import pyarrow.fs
+
+    folders: list = []
+    if checkpoint is not None:
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+            folders = [checkpoint.path] + ckpt.candidates(Path(checkpoint.path).parent)
+        else:  # remote storage: only the reported checkpoint is fetched
+            folders = [checkpoint.to_directory()]
+    # The run folder is empty when a run starts without resume=true (fit refuses otherwise), so what
+    # it holds now was written by this run: a restart whose last reports Ray lost with a dead worker
+    # or node (RAY_NOTES.md) resumes from the files. Local mode keeps its checkpoints there too.
+    folders += ckpt.candidates(cfg.run_dir)
+    unique = sorted({str(Path(f).resolve()): Path(f) for f in folders}.values(), key=lambda p: p.name, reverse=True)
+    if not unique:
+        return None
+    chosen = ckpt.newest_valid(unique)
+    if chosen is None:
+        raise ckpt.CheckpointError(
+            f"none of the {len(unique)} checkpoint folders ({', '.join(p.name for p in unique)}) verifies against "
+            f"its manifest, so there is nothing safe to resume from; move them aside to start afresh")
+    return chosen
 
 
 def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int, device, report,
-        resume_dir: str | None = None) -> dict[str, float]:
+        resume_dir: str | None = None, fault: str | None = None, progress: faults.Progress | None = None
+        ) -> dict[str, float]:
     """Train, validate, keep the best-on-validation weights, then test them. Returns final metrics."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
@@ -208,12 +248,14 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
     state = {"epoch": 0, "global_step": 0, "best_metric": -math.inf, "best_epoch": -1, "bad_evals": 0}
     best_state = None
     if resume_dir:
-        model.load_state_dict(ckpt.load_weights(resume_dir))
-        best_state = ckpt.load_weights(resume_dir, best=True)
+        ckpt.verify(resume_dir)
+        model.load_state_dict(ckpt.load_weights(resume_dir, verified=True))
+        best_state = ckpt.load_weights(resume_dir, best=True, verified=True)
         opt = ckpt.load_optimizer(resume_dir)
         if opt:
             optimizer.load_state_dict(opt["optimizer"])
         state.update(ckpt.load_state(resume_dir))
+        state["resumed_at_epochs"] = [*state.get("resumed_at_epochs", []), state["epoch"]]  # audit trail
         log.info("rank %d resumed from %s at epoch %d", rank, resume_dir, state["epoch"])
     ddp = model
     if world > 1:
@@ -230,6 +272,10 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.train))
     if resume_dir and opt and opt.get("scheduler"):
         scheduler.load_state_dict(opt["scheduler"])
+        # LambdaLR's constructor set each group's lr to factor(0); load_state_dict restores the step
+        # count but not the lr, so the first step after a resume would run at the warm-up lr
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
     batches = EpochBatches(store, store.forbidden_keys() if model.head.needs_negatives else None, users, cfg, rank,
                            per_rank, steps, model.head)
     tb = TBLogger(cfg.run_dir / "tensorboard" if rank == 0 else None, state["global_step"])
@@ -241,7 +287,10 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
             ddp.train()
             t0, loss_sum, n_steps = time.perf_counter(), 0.0, 0
             first_step_unix = None
+            faults.maybe_inject(fault, rank, epoch + 1, cfg.run_dir)  # test-only (RAYREC_FAULT); no-op otherwise
             for b in prefetch(batches.epoch(epoch)):
+                if progress is not None:
+                    progress.mark(epoch, n_steps)
                 loss = train_step(ddp, optimizer, to_device(b, device), cfg, world)
                 scheduler.step()
                 if first_step_unix is None:
@@ -271,6 +320,7 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
             if rank == 0:
                 log.info("epoch %d/%d loss %.4f %.1f seq/s %s", epoch + 1, cfg.train.epochs, metrics["train_loss"],
                          metrics["seq_per_s"], {k: round(v, 4) for k, v in last_val.items() if k == metric})
+            tb.flush()
             _report_with_checkpoint(report, rank, metrics, model.state_dict(), best_state, optimizer, scheduler, state, cfg)
             if done:
                 break

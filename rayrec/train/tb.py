@@ -2,7 +2,20 @@
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
+
+
+def check_scalars(metrics: dict) -> dict[str, float]:
+    """Metrics as plain numbers; anything else (a tensor, a list, a string) raises here, at report
+    time, instead of vanishing from TensorBoard or breaking a Tune scheduler later."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            hint = " (call .item() on a 0-d tensor)" if hasattr(v, "item") else ""
+            raise TypeError(f"metric {k!r} is {type(v).__name__}, not a scalar; report numbers only{hint}")
+        out[k] = v if isinstance(v, (int, float)) else float(v)
+    return out
 
 
 class TBLogger:
@@ -15,11 +28,10 @@ class TBLogger:
             self.writer = SummaryWriter(str(logdir), purge_step=start_step + 1 if start_step else None)
 
     def scalars(self, metrics: dict[str, float], step: int, prefix: str = "") -> None:
+        metrics = check_scalars(metrics)  # on every rank, not only where a writer exists
         if self.writer is None:
             return
         for k, v in metrics.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise TypeError(f"metric {k!r} is {type(v).__name__}, not a scalar; report numbers only")
             if math.isfinite(v):
                 self.writer.add_scalar(prefix + k, v, step)
 
@@ -28,6 +40,12 @@ class TBLogger:
             return
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
         self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="hparams")
+
+    def flush(self) -> None:
+        """Called before each checkpoint: events up to a checkpoint survive a SIGKILL (the writer
+        otherwise buffers up to two minutes), and a resume purges only what came after it."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:

@@ -1,0 +1,180 @@
+"""Failures that need their own Ray: a killed driver, a lost node, a job submitted to a head node.
+
+Each runs in a subprocess (its own process group, its own Ray) with a timeout, and cleans up only
+the processes it started. The shared session cluster is not used here."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from rayrec.config import ConfigError
+from rayrec.submit import SubmitError, check_address, largest_paths, package_files, preflight
+from rayrec.train import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["train.max_steps_per_epoch=3", "train.batch_size=64", "model.max_len=20", "model.hidden=32",
+         "model.num_heads=2", "train.warmup_steps=2"]
+
+
+@pytest.fixture
+def ray_tmp():
+    """A private Ray temp dir (RAY_TMPDIR) per test. ``ray.init()`` without an address joins the cluster
+    recorded in <tmp>/ray/ray_current_cluster: sharing /tmp/ray would let our clusters and other
+    processes' on this machine find each other. Short, for Ray's unix socket paths (< 107 bytes)."""
+    path = tempfile.mkdtemp(prefix="rr")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _env(ray_tmp, **extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYREC_FAULT")}
+    env.update(RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), RAY_TMPDIR=ray_tmp, **extra)
+    # an activated venv: `python` in a job's entrypoint is this interpreter
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group this test created: the driver and its Ray
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def _train(args, ray_tmp, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), *args], env=_env(ray_tmp), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, start_new_session=True)
+
+
+def _tb_steps(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_driver_killed_and_resubmitted_resumes_after_the_last_checkpoint(synthetic_log, tmp_path, ray_tmp):
+    args = [str(ROOT / "configs" / "quickstart.yaml"), f"data.log={synthetic_log}", f"output_dir={tmp_path}",
+            "name=killed", "train.epochs=6", "scale.num_workers=1", "scale.cpus_per_worker=1", *SMALL]
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train.py"), *args], env=_env(ray_tmp), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while (ckpt.latest(run_dir) is None or ckpt.load_state(ckpt.latest(run_dir))["epoch"] < 2):
+            assert proc.poll() is None, "the driver ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.2)
+    finally:
+        _kill_group(proc)  # SIGKILL: no cleanup, no final report
+    before = {p.name: (p / ckpt.MANIFEST).read_text() for p in ckpt.candidates(run_dir) if (p / ckpt.MANIFEST).exists()}
+    killed_at = max(ckpt.load_state(run_dir / n)["epoch"] for n in before)
+    assert killed_at < 6 and not (run_dir / "final_metrics.json").exists()
+
+    refused = _train(args, ray_tmp)
+    assert refused.returncode == 2 and "resume=true" in refused.stderr, refused.stderr[-2000:]
+
+    resumed = _train(args + ["resume=true"], ray_tmp)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["epoch"] == 6
+    # earlier checkpoints still present are byte-for-byte what they were (num_to_keep=3 may retire old ones)
+    for name, manifest in before.items():
+        if (run_dir / name).exists():
+            assert (run_dir / name / ckpt.MANIFEST).read_text() == manifest, name
+    assert ckpt.verify(run_dir / ckpt.dir_name(6, final=True))
+    # one TensorBoard folder, continuous steps, nothing duplicated by the re-run epochs
+    steps = _tb_steps(run_dir, "epoch/train_loss")
+    assert len(steps) == 6 and steps == sorted(set(steps)), steps
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_job_submission_to_a_loopback_head(synthetic_log, tmp_path, ray_tmp):
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port, dash = _free_port(), _free_port()
+    # every fixed default port moved, so a cluster someone else runs on this machine cannot collide
+    ports = [f"--{flag}={_free_port()}" for flag in (
+        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port")]
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--num-cpus=2", f"--port={port}",
+                             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             f"--temp-dir={ray_tmp}", "--include-dashboard=true", *ports],
+                            env=_env(ray_tmp), cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                JobSubmissionClient(address).list_jobs()
+                break
+            except Exception:
+                assert head.poll() is None and time.monotonic() < deadline, "the head did not come up"
+                time.sleep(1)
+        preflight(ROOT)
+        sub = subprocess.run(
+            [ray_bin, "job", "submit", f"--address={address}", "--working-dir", ".", "--",
+             "python", "jobs/train.py", "configs/quickstart.yaml", f"data.log={synthetic_log}",
+             f"output_dir={tmp_path}", "name=job", "train.epochs=1", *SMALL],
+            env=_env(ray_tmp), cwd=ROOT, capture_output=True, text=True, timeout=400)
+        assert sub.returncode == 0 and "succeeded" in sub.stdout, sub.stdout[-6000:] + sub.stderr[-3000:]
+        job_id = JobSubmissionClient(address).list_jobs()[-1].submission_id
+        logs = JobSubmissionClient(address).get_job_logs(job_id)
+        assert "finished job" in logs and "test_ndcg_10" in logs, logs[-3000:]
+        assert json.loads((tmp_path / "job" / "final_metrics.json").read_text())["epoch"] == 1
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block: the ray start process stops what it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            _kill_group(head)
+
+
+def test_preflight_refuses_an_oversized_working_dir_and_lists_the_largest_paths(tmp_path):
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "train.py").write_text("print('hi')\n")
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "blob.bin").write_bytes(b"x" * 300_000)
+    (tmp_path / "data").mkdir()  # data folders never travel with the code
+    (tmp_path / "data" / "interactions.parquet").write_bytes(b"x" * 900_000)
+    (tmp_path / ".gitignore").write_text("ignored/\n")
+    (tmp_path / "ignored").mkdir()
+    (tmp_path / "ignored" / "x.bin").write_bytes(b"x" * 900_000)
+    files = package_files(tmp_path)
+    assert "big/blob.bin" in files and not any(f.startswith(("data/", "ignored/")) for f in files)
+    assert largest_paths(files)[0] in (("big/blob.bin", 300_000), ("big/", 300_000))
+    assert preflight(tmp_path, limit=1_000_000) < 1_000_000
+    with pytest.raises(SubmitError, match=r"over Ray's package limit(.|\n)*big/blob.bin"):
+        preflight(tmp_path, limit=200_000)
+    assert preflight(ROOT) < 20 * 2**20  # this repository, as submitted
+
+
+def test_submit_refuses_a_non_loopback_job_api_without_token_auth(monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    for ok in ("http://127.0.0.1:8265", "localhost:8265", "http://[::1]:8265"):
+        assert check_address(ok)
+    with pytest.raises(ConfigError, match="token"):
+        check_address("http://10.0.0.5:8265")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert check_address("http://10.0.0.5:8265")
