@@ -8,13 +8,15 @@ one power of two from each of n terms (``levels``). The gradient is the paper's 
     d/dx = g * [|x/alpha| <= 1],   d/dalpha = sum g * (sign(x) [|x/alpha| > 1] + (q - x/alpha) [|x/alpha| <= 1])
 
 Activations use the same clip-and-round with uniform levels (the authors' activation quantizer).
+The authors' convolutions are followed by BatchNorm, which absorbs the normalisation; rayrec's
+Linears are not, so the quantized weight is multiplied back by the (detached) std.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from rayrec.quant.base import ActQParams, Quantizer
+from rayrec.quant.base import ActQParams, Quantizer, exact_grid
 
 
 def apot_levels(b: int) -> torch.Tensor:
@@ -23,7 +25,7 @@ def apot_levels(b: int) -> torch.Tensor:
     b = 2..6 are the authors' tables (build_power_value); b = 1 is {0, 1}; b = 7 (8-bit weights)
     extends the even-b rule with one 1-bit term. Term i of n takes 0 or 2^-(i + j n + 1)."""
     if b == 1:
-        return torch.tensor([0.0, 1.0])
+        return torch.tensor([0.0, 1.0], dtype=torch.float64)
     bases: list[list[float]]
     if b == 3:
         bases = [[0.0, 2 ** -1, 2 ** -2, 2 ** -4], [0.0, 2 ** -3]]
@@ -37,8 +39,7 @@ def apot_levels(b: int) -> torch.Tensor:
     values = torch.zeros(1, dtype=torch.float64)
     for base in bases:
         values = (values[:, None] + torch.tensor(base, dtype=torch.float64)[None, :]).flatten()
-    values = torch.unique(values)
-    return (values / values.max()).float()
+    return torch.unique(values)  # float64 dyadic sums; callers normalise by the max
 
 
 def _nearest(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -74,11 +75,20 @@ class APoTWeight(Quantizer):
     def __init__(self, bits: int):
         super().__init__(bits, signed=True)
         self.alpha = nn.Parameter(torch.tensor(3.0))  # the authors' initial weight clip (in std units)
-        self.register_buffer("levels", apot_levels(bits - 1), persistent=False)
+        raw = apot_levels(bits - 1)
+        self.register_buffer("levels", (raw / raw.max()).float(), persistent=False)
+        # the smallest power of two that makes every level an integer: an int8 grid if <= 127
+        self.unit = next((2.0 ** -e for e in range(16) if bool(((raw * 2 ** e) % 1 == 0).all())), None)
+        self.int_max = float(raw.max() / self.unit) if self.unit else float("inf")
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
         mean, std = w.detach().mean(), w.detach().std().clamp(min=1e-8)
-        return _ClipRound.apply((w - mean) / std, self.alpha, self.levels, True)
+        return _ClipRound.apply((w - mean) / std, self.alpha, self.levels, True) * std
+
+    def int_weight(self, w):
+        if self.int_max > 127:
+            return None
+        return exact_grid(self.quantize(w).detach(), (self.alpha * w.detach().std() / self.int_max).detach())
 
 
 def uniform_levels(bits: int) -> torch.Tensor:

@@ -6,12 +6,16 @@
 
 For pre-activation inputs (LayerNorm outputs) the signed variant clips to [-1, 1] with
 2^(k-1) - 1 levels per side, so 0 stays a level; the LayerNorm gain learns the range.
+
+The paper's networks put BatchNorm after every layer, which absorbs the [-1, 1] weight range;
+rayrec's Linears have none, so ``w_q`` is multiplied by the (detached) max |w| to keep each
+layer's output scale. A per-tensor constant: the levels are the paper's.
 """
 from __future__ import annotations
 
 import torch
 
-from rayrec.quant.base import ActQParams, Quantizer, round_ste
+from rayrec.quant.base import ActQParams, Quantizer, exact_grid, round_ste
 
 
 def quantize_k(r: torch.Tensor, k: int) -> torch.Tensor:
@@ -24,7 +28,14 @@ class DoReFaWeight(Quantizer):
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
         t = torch.tanh(w)
-        return 2 * quantize_k(t / (2 * t.abs().max()) + 0.5, self.bits) - 1
+        return (2 * quantize_k(t / (2 * t.abs().max()) + 0.5, self.bits) - 1) * w.detach().abs().max()
+
+    def int_weight(self, w):
+        # levels are odd multiples of max|w| / (2^k - 1): an int8 grid up to k = 7 bits
+        n = (1 << self.bits) - 1
+        if n > 127:
+            return None
+        return exact_grid(self.quantize(w).detach(), w.detach().abs().max() / n)
 
 
 class DoReFaAct(Quantizer):
