@@ -32,7 +32,7 @@ class AdaRound(Quantizer):
         self.reg, self.beta_range, self.warmup, self.steps = reg, beta, warmup, steps
         self.V = nn.Parameter(torch.zeros(shape))
         self.register_buffer("s", torch.ones(shape[0], 1) if per_channel else torch.ones(()))
-        self.t: int | None = None  # PTQ sets its own iteration count; QAT reads the control's step
+        self.t: int | None = None  # PTQ sets its own iteration (and self.steps); QAT reads the control's step
 
     def init_from(self, w: torch.Tensor) -> None:
         amax = w.abs().amax(dim=1, keepdim=True) if self.per_channel else w.abs().max()
@@ -56,13 +56,16 @@ class AdaRound(Quantizer):
         b0, b1 = self.beta_range
         return b1 + (b0 - b1) * (1 - rel)
 
+    def round_loss(self, beta: float) -> torch.Tensor:
+        """The paper's f_reg: sum of 1 - |2 h(V) - 1|^beta (0 once every h is 0 or 1)."""
+        return (1 - (2 * rectified_sigmoid(self.V) - 1).abs().pow(beta)).sum()
+
     def penalty(self):
         if not (self.reg and self.enabled() and bool(self.initialized)):
             return 0.0
         b = self.beta()
-        if b is None:
-            return 0.0
-        return self.reg * (1 - (2 * rectified_sigmoid(self.V) - 1).abs().pow(b)).mean()
+        # a mean, so the weight of the term next to the recommender's mean loss does not grow with layer size
+        return 0.0 if b is None else self.reg * self.round_loss(b) / self.V.numel()
 
     def int_weight(self, w):
         return exact_grid(self.quantize(w).detach(), self.s)
