@@ -135,6 +135,7 @@ class QuantConfig:
     embedding: bool = False  # also fake-quantize the item embedding table (input lookup and scoring)
     scoring: bool = False  # also fake-quantize the hidden state entering the scoring matmul (needs embedding)
     start_step: int = 0  # train this many steps in float before fake quantization switches on
+    init_from: str = ""  # run or checkpoint folder of a trained float model: QAT fine-tunes its best weights
     pact_l2: float = 1e-4  # pact: L2 penalty on every clip level alpha
     pact_init: float = 0.0  # pact: initial alpha; 0 = max |x| of the first quantized batch (the paper uses 10)
     adaround_reg: float = 0.01  # adaround: weight of the rounding regulariser (mean over weights)
@@ -330,6 +331,7 @@ def _quant_checks(q: QuantConfig) -> list[tuple[bool, str]]:
         (not q.scoring or q.embedding,
          "quant.scoring quantizes both inputs of the scoring matmul and its item side is the embedding table: "
          "set quant.embedding=true too"),
+        (not q.init_from or q.method != "none", "quant.init_from fine-tunes a float model with QAT: set a quant.method"),
         (bool(q.include), "quant.include must name at least one Linear pattern (default: ['blocks.*'])"),
         (q.start_step >= 0 and q.adaround_steps >= 1, "quant.start_step must be >= 0 and quant.adaround_steps >= 1"),
         (q.pact_l2 >= 0 and q.pact_init >= 0 and q.adaround_reg >= 0, "quant.pact_l2, pact_init, adaround_reg must be >= 0"),

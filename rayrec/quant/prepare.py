@@ -182,3 +182,11 @@ def load_float_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None
                                           or ".parametrizations.weight.0." in k)]
     if missing or unexpected:
         raise ValueError(f"float checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+
+
+def init_from_float(model: nn.Module, path: str) -> None:
+    """Start QAT from the best-on-validation weights of a trained float run (``quant.init_from``)."""
+    from rayrec.eval.offline import find_checkpoint
+    from rayrec.train import checkpoint as ckpt
+
+    load_float_weights(model, ckpt.load_weights(find_checkpoint(path), best=True))

@@ -23,7 +23,7 @@ from rayrec.data.batches import SequenceStore, _member, sample_negatives, train_
 from rayrec.eval.baselines import MostPopular
 from rayrec.eval.evaluate import evaluate
 from rayrec.models import build_model
-from rayrec.quant import is_quant_param, prepare, quant_penalty
+from rayrec.quant import init_from_float, is_quant_param, prepare, quant_penalty
 from rayrec.train import checkpoint as ckpt
 from rayrec.train.tb import TBLogger
 
@@ -207,6 +207,8 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
     torch.manual_seed(cfg.train.seed)
     # quantizers before the checkpoint, DDP and the optimizer: their parameters must exist for all three
     model = prepare(build_model(cfg.model, store.num_items, num_users), cfg).to(device)
+    if cfg.quant.init_from and not resume_dir:
+        init_from_float(model, cfg.quant.init_from)
     optimizer = make_optimizer(model, cfg)
     state = {"epoch": 0, "global_step": 0, "best_metric": -math.inf, "best_epoch": -1, "bad_evals": 0}
     best_state = None
