@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -58,13 +59,14 @@ def train(cfg_path: str, name: str, overrides: list[str]) -> dict:
     from rayrec.data.prepare import ensure_log
     from rayrec.train.fit import fit
 
-    cfg = load_config(cfg_path, [f"name={name}", f"output_dir={OUT}", *overrides])
+    done = any((OUT / name).glob("checkpoint_*"))  # a run cut off after training: resume = final evaluation only
+    cfg = load_config(cfg_path, [f"name={name}", f"output_dir={OUT}", *overrides, f"resume={str(done).lower()}"])
     cfg.data.source.path = resolve_source(cfg.data.source.path)
     ensure_log(cfg.data)
     res = fit(cfg)
     return {"run_dir": str(res.run_dir), "epochs": res.metrics["epoch"], "best_epoch": res.metrics["best_epoch"],
             "fake": pick(res.metrics), "pop_test_ndcg_10": res.metrics.get("baseline_pop_test_ndcg_10"),
-            "s_per_epoch": round(statistics.median(h["epoch_s"] for h in res.history if "epoch_s" in h), 2)}
+            "s_per_epoch": round(statistics.median([h["epoch_s"] for h in res.history if "epoch_s" in h] or [math.nan]), 2)}
 
 
 def evaluate(run_dir: str, overrides: list[str], int8: bool) -> dict:
@@ -167,7 +169,7 @@ def main(argv=None) -> None:
             ov = [*a.overrides, f"quant.method={m}", f"quant.weight_bits={bits}", f"quant.act_bits={bits}",
                   f"quant.granularity={gran}", f"quant.init_from={fp['run_dir']}", f"train.epochs={a.qat_epochs}",
                   f"train.lr={a.qat_lr}", "train.warmup_steps=0", "train.eval_every=1", "train.patience=0",
-                  f"quant.adaround_steps={a.qat_epochs * 25}"]
+                  f"quant.adaround_steps={a.qat_epochs * 25}", "quant.embedding=true", "quant.scoring=true"]
             r = cached(name, lambda: train(a.config, name, ov))
             r.setdefault("int8", None)
             if r["int8"] is None:
