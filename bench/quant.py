@@ -139,6 +139,39 @@ def speed(float_run: str, qat_run: str, repeats: int, threads: int) -> dict:
     return out
 
 
+def readme_table(result: dict) -> str:
+    """The README block, generated from bench/results/quant.json (never typed by hand)."""
+    by = {}
+    for r in result["rows"]:
+        by.setdefault((r["method"], r["bits"]), {})[r["mode"].split()[-1]] = r
+    lines = ["| method | bits | val NDCG@10 fake-quant | test NDCG@10 fake-quant | val NDCG@10 INT8 | test NDCG@10 INT8 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for (m, b), modes in by.items():
+        f, i = modes.get("float") or modes.get("fake-quant", {}), modes.get("int8", {})
+        cell = lambda d, k: f"{d[k]:.4f}" if k in d else "–"  # noqa: E731
+        lines.append(f"| `{m}` | {b} | {cell(f, 'val_ndcg_10')} | {cell(f, 'test_ndcg_10')} | {cell(i, 'val_ndcg_10')} | "
+                     f"{cell(i, 'test_ndcg_10')} |")
+    m, t = result["metrics"], result["timings"]
+    lines += ["", f"Best 8-bit method on validation: `{m['best_8bit_method']}`; INT8 test NDCG@10 {m['int8_test_ndcg_10']:.4f} "
+              f"vs fp32 {m['fp32_test_ndcg_10']:.4f} (`int8_rel_ndcg_loss` {m['int8_rel_ndcg_loss']:.4f}). Scoring "
+              f"(hidden {t['hidden']}, max_len {t['max_len']}, {t['items']} items, {t['threads']} thread): batch 256 "
+              f"fp32 {t['fp32_latency_ms_b256']:.1f} ms vs INT8 {t['int8_latency_ms_b256']:.1f} ms "
+              f"(`int8_speedup_b256` {m['int8_speedup_b256']:.2f}), batch 1 {t['fp32_latency_ms_b1']:.2f} vs "
+              f"{t['int8_latency_ms_b1']:.2f} ms ({m['int8_speedup_b1']:.2f}×); size on disk {m['size_mb_fp32']:.2f} MB "
+              f"→ {m['size_mb_int8']:.2f} MB. ({result['hardware']}, commit {result['commit'][:8]}, "
+              f"{result['float_epochs']} float epochs + {result['qat_epochs']} QAT epochs per method)"]
+    return "\n".join(lines)
+
+
+def update_readme() -> None:
+    result = json.loads((ROOT / "bench" / "results" / "quant.json").read_text())
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    head, rest = text.split("<!-- quant:start -->", 1)
+    _, tail = rest.split("<!-- quant:end -->", 1)
+    readme.write_text(f"{head}<!-- quant:start -->\n{readme_table(result)}\n<!-- quant:end -->{tail}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
@@ -151,7 +184,10 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stop-after", choices=["float", "qat", "ptq"], help="run the stages up to this one and exit")
+    p.add_argument("--readme", action="store_true", help="only rewrite the README table from bench/results/quant.json")
     a = p.parse_intermixed_args(argv)
+    if a.readme:
+        return update_readme()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     from rayrec.config import load_config
@@ -210,6 +246,7 @@ def main(argv=None) -> None:
               f"{r.get('test_ndcg_10', float('nan')):>13.4f}{r.get('test_hr_10', float('nan')):>11.4f}")
     print("\n" + "\n".join(f"  {k:<22} {v}" for k, v in {**metrics, **sp}.items()))
     print(f"wrote {out}")
+    update_readme()
 
 
 if __name__ == "__main__":

@@ -151,5 +151,7 @@ def convert(model: nn.Module) -> Int8Model:
 
 
 def int8_state_dict(model: Int8Model) -> dict[str, torch.Tensor]:
-    """What a deployed INT8 model stores (int8 weights, scales, biases, fp32 norms and positions)."""
-    return {k: v for k, v in model.state_dict().items() if not k.endswith("quant_ctrl.step")}
+    """What a deployed INT8 model stores (int8 weights, scales, biases, fp32 norms and positions);
+    the INT8 scorer's weights are views of the item table and are rebuilt from it."""
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if not k.endswith("quant_ctrl.step") and not k.startswith("scorer.")}
