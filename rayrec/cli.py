@@ -55,7 +55,7 @@ def cmd_evaluate(a) -> None:
             raise ConfigError("evaluate with a YAML config needs eval.checkpoint=<run or checkpoint folder>")
         target = cfg.eval.checkpoint
         overrides = [o for o in overrides if not o.startswith("eval.checkpoint=")]
-    metrics, cfg = evaluate_checkpoint(target, overrides)
+    metrics, cfg = evaluate_checkpoint(target, overrides, int8=a.int8)
     print(_metric_table(metrics, f"evaluation of {metrics['checkpoint']} ({cfg.eval.protocol} ranking)"))
     if a.json:
         print(json.dumps(metrics))
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--force", action="store_true", help="re-convert the source and rebuild the sequences")
         if name == "evaluate":
             sp.add_argument("--json", action="store_true", help="also print the metrics as one JSON line")
+            sp.add_argument("--int8", action="store_true", help="evaluate the real INT8 model converted from a QAT "
+                            "checkpoint (or from a float one with quant.method=adaround: post-training rounding)")
         if name == "submit":
             sp.add_argument("--address", default="http://127.0.0.1:8265", help="Ray job API (dashboard) address")
             sp.add_argument("--working-dir", default=".", help="folder uploaded with the job (data excluded)")

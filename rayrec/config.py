@@ -57,7 +57,6 @@ class ModelConfig:
     residual: Literal["plain", "mhc"] = "plain"
     user: Literal["none", "ssept"] = "none"
     head: Literal["bce", "gbce", "sampled_softmax", "ce", "mse", "soft_bce"] = "bce"
-    quant: Literal["none"] = "none"
     max_len: int = 200
     hidden: int = 50
     num_blocks: int = 2
@@ -121,6 +120,35 @@ class ScaleConfig:
     storage_path: str = ""  # Ray Train storage; default: the run folder's parent
 
 
+QUANT_METHODS = ("none", "lsq", "pact", "adaround", "apot", "dorefa", "ste")
+PER_TENSOR_ONLY = ("pact", "apot", "dorefa")  # one normalisation / clip level per weight tensor in their papers
+
+
+@dataclass
+class QuantConfig:
+    """Quantization-aware training (rayrec/quant, docs/quantization.md): fake quantization of the
+    weights and input activations of the Linear layers picked by include/exclude."""
+
+    method: Literal["none", "lsq", "pact", "adaround", "apot", "dorefa", "ste"] = "none"
+    weight_bits: int = 8
+    act_bits: int = 8
+    granularity: Literal["per_tensor", "per_channel"] = "per_tensor"  # of weight scales (per output row)
+    include: list[str] = field(default_factory=lambda: ["blocks.*"])  # fnmatch patterns over Linear module names
+    exclude: list[str] = field(default_factory=list)
+    embedding: bool = False  # also fake-quantize the item embedding table (input lookup and scoring)
+    scoring: bool = False  # also fake-quantize the hidden state entering the scoring matmul (needs embedding)
+    start_step: int = 0  # train this many steps in float before fake quantization switches on
+    init_from: str = ""  # run or checkpoint folder of a trained float model: QAT fine-tunes its best weights
+    pact_l2: float = 1e-4  # pact: L2 penalty on every clip level alpha
+    pact_init: float = 0.0  # pact: initial alpha; 0 = max |x| of the first quantized batch (the paper uses 10)
+    adaround_reg: float = 0.01  # adaround: weight of the rounding regulariser (mean over weights)
+    adaround_beta: tuple[float, float] = (20.0, 2.0)  # adaround: annealing of the regulariser's exponent
+    adaround_warmup: float = 0.2  # adaround: fraction of adaround_steps without the regulariser
+    adaround_steps: int = 2000  # adaround: steps over which beta anneals (QAT) / iterations per layer (PTQ)
+    ste_observer: Literal["minmax", "learned"] = "minmax"  # ste: EMA min/max ranges, or learned scales
+    ema: float = 0.9  # ste minmax: momentum of the activation range
+
+
 @dataclass
 class Config:
     name: str = "run"
@@ -131,6 +159,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -142,6 +171,7 @@ class Config:
     def to_yaml(self) -> str:
         d = self.to_dict()
         d["train"]["betas"] = list(d["train"]["betas"])
+        d["quant"]["adaround_beta"] = list(d["quant"]["adaround_beta"])
         return yaml.safe_dump(d, sort_keys=False)
 
 
@@ -290,6 +320,7 @@ def validate(cfg: Config) -> Config:
         (e.protocol == "full" or d.eval_negatives > 0, "eval.protocol sampled/both needs data.eval_negatives > 0"),
         (bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), f"name must be a plain folder name, got {cfg.name!r}"),
     ]
+    checks += _quant_checks(cfg.quant)
     metric_name, _, k = e.metric[4:].rpartition("_")
     checks.append(
         (metric_name in ("ndcg", "hr", "mrr") and k.isdigit() and int(k) in e.ks,
@@ -304,7 +335,33 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _quant_checks(q: QuantConfig) -> list[tuple[bool, str]]:
+    b0, b1 = q.adaround_beta
+    return [
+        (2 <= q.weight_bits <= 8 and 2 <= q.act_bits <= 8,
+         f"quant.weight_bits ({q.weight_bits}) and quant.act_bits ({q.act_bits}) must be in [2, 8]: "
+         "the INT8 backend holds at most 8 bits"),
+        (q.granularity == "per_tensor" or q.method not in PER_TENSOR_ONLY,
+         f"quant.method={q.method} defines one weight normalisation per tensor, so quant.granularity=per_channel "
+         "is not defined for it: set quant.granularity=per_tensor (per_channel works with lsq, adaround, ste)"),
+        (not q.scoring or q.embedding,
+         "quant.scoring quantizes both inputs of the scoring matmul and its item side is the embedding table: "
+         "set quant.embedding=true too"),
+        (not q.init_from or q.method != "none", "quant.init_from fine-tunes a float model with QAT: set a quant.method"),
+        (bool(q.include), "quant.include must name at least one Linear pattern (default: ['blocks.*'])"),
+        (q.start_step >= 0 and q.adaround_steps >= 1, "quant.start_step must be >= 0 and quant.adaround_steps >= 1"),
+        (q.pact_l2 >= 0 and q.pact_init >= 0 and q.adaround_reg >= 0, "quant.pact_l2, pact_init, adaround_reg must be >= 0"),
+        (b0 >= b1 > 0, f"quant.adaround_beta must be [start, end] with start >= end > 0, got {list(q.adaround_beta)}"),
+        (0 <= q.adaround_warmup < 1 and 0 < q.ema < 1, "quant.adaround_warmup must be in [0, 1) and quant.ema in (0, 1)"),
+    ]
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
+    model = raw.get("model")
+    if isinstance(model, dict) and "quant" in model:  # the old axis key (checkpoints written before quant:)
+        raw = {**raw, "model": {k: v for k, v in model.items() if k != "quant"}}
+        if model["quant"] != "none":
+            raw["quant"] = {**raw.get("quant", {}), "method": model["quant"]}
     return validate(_build(Config, raw, ""))
 
 

@@ -22,7 +22,7 @@ def find_checkpoint(path: str | Path) -> Path:
     raise ConfigError(f"{p} is neither a checkpoint folder (with {ckpt.STATE}) nor a run folder holding one")
 
 
-def evaluate_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[dict[str, float], Config]:
+def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), int8: bool = False) -> tuple[dict[str, float], Config]:
     import ray.data
 
     from rayrec.data.sequences import build_sequences
@@ -37,13 +37,15 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = ()) -> tuple[di
     data = build_sequences(cfg.data)
     tables = ray.data.read_parquet(data.sequences_path).iter_batches(batch_format="pyarrow", batch_size=None)
     store = load_store(data.num_items, 0, 1, tables=tables)
-    model = build_model(cfg.model, data.num_items, data.num_users)
     # the best-on-validation weights: selection never looks at test
-    model.load_state_dict(ckpt.load_weights(folder, best=True))
+    from rayrec.quant.offline import quantized_model
+
+    model = quantized_model(build_model(cfg.model, data.num_items, data.num_users), cfg,
+                            load_config(folder / ckpt.CONFIG), ckpt.load_weights(folder, best=True), store, int8)
     torch.set_num_threads(max(1, cfg.scale.threads_per_worker or torch.get_num_threads()))
-    metrics = {"checkpoint": str(folder), "protocol": cfg.eval.protocol}
+    metrics = {"checkpoint": str(folder), "protocol": cfg.eval.protocol, "quant": cfg.quant.method, "int8": int8}
     for stage in ("val", "test"):
         metrics.update(evaluate(model, store, cfg.eval, cfg.model.max_len, stage, torch.device("cpu")))
-    out = folder.parent / f"evaluation_{cfg.eval.protocol}.json"
+    out = folder.parent / f"evaluation_{cfg.eval.protocol}{'_int8' if int8 else ''}.json"
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics, cfg

@@ -15,7 +15,6 @@ AXES = {
     "residual": RESIDUALS,
     "user": USERS,
     "head": HEADS,
-    "quant": {"none": None},
 }
 
 

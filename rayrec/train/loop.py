@@ -24,6 +24,7 @@ from rayrec.data.batches import SequenceStore, _member, sample_negatives, train_
 from rayrec.eval.baselines import MostPopular
 from rayrec.eval.evaluate import evaluate
 from rayrec.models import build_model
+from rayrec.quant import init_from_float, is_quant_param, prepare, quant_penalty
 from rayrec.train import checkpoint as ckpt
 from rayrec.train import faults
 from rayrec.train.tb import TBLogger, check_scalars
@@ -45,7 +46,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
     """AdamW; decoupled decay on matrices only (not embeddings, norms or biases)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
+        (decay if p.ndim >= 2 and "emb" not in name and not is_quant_param(name) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas)
 
@@ -73,6 +74,7 @@ def train_step(model, optimizer, batch: dict[str, torch.Tensor], cfg: Config, wo
     loss = loss_sum * (world / total[0].clamp(min=1.0))
     if cfg.train.l2_emb:
         loss = loss + cfg.train.l2_emb * core.item_emb.weight.pow(2).sum()
+    loss = loss + quant_penalty(core)  # PACT's L2 on clip levels, AdaRound's rounding regulariser
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.train.grad_clip:
@@ -243,7 +245,10 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
     """Train, validate, keep the best-on-validation weights, then test them. Returns final metrics."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, store.num_items, num_users).to(device)
+    # quantizers before the checkpoint, DDP and the optimizer: their parameters must exist for all three
+    model = prepare(build_model(cfg.model, store.num_items, num_users), cfg).to(device)
+    if cfg.quant.init_from and not resume_dir:
+        init_from_float(model, cfg.quant.init_from)
     optimizer = make_optimizer(model, cfg)
     state = {"epoch": 0, "global_step": 0, "best_metric": -math.inf, "best_epoch": -1, "bad_evals": 0}
     best_state = None
