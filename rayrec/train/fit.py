@@ -12,6 +12,7 @@ from rayrec.config import Config, ConfigError
 from rayrec.data.sequences import SequenceData, build_sequences
 from rayrec.ray_env import init_ray
 from rayrec.train.loop import train_loop
+from rayrec.train.stages import chain_sft, check_init_from
 
 log = logging.getLogger("rayrec.train")
 
@@ -86,6 +87,7 @@ def fit(cfg: Config) -> FitResult:
     init_ray()
     _check_run_dir(cfg)
     _check_resources(cfg)
+    check_init_from(cfg)
     data = build_sequences(cfg.data)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -99,4 +101,5 @@ def fit(cfg: Config) -> FitResult:
     (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     df = result.metrics_dataframe
     history = df.to_dict("records") if df is not None else []
-    return FitResult(metrics, ck, run_dir, data, history)
+    result = FitResult(metrics, ck, run_dir, data, history)
+    return chain_sft(cfg, result) if cfg.train.sft_epochs else result

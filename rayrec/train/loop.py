@@ -24,6 +24,7 @@ from rayrec.eval.baselines import MostPopular
 from rayrec.eval.evaluate import evaluate
 from rayrec.models import build_model
 from rayrec.train import checkpoint as ckpt
+from rayrec.train.stages import init_weights
 from rayrec.train.tb import TBLogger
 
 log = logging.getLogger("rayrec.train")
@@ -204,6 +205,9 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
     t_start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, store.num_items, num_users).to(device)
+    if hasattr(model.head, "stage"):  # masked_diffusion: pre-training or SFT masks
+        model.head.stage = cfg.train.stage
+    init_weights(model, cfg, resume_dir)
     optimizer = make_optimizer(model, cfg)
     state = {"epoch": 0, "global_step": 0, "best_metric": -math.inf, "best_epoch": -1, "bad_evals": 0}
     best_state = None
