@@ -206,7 +206,7 @@ def easy_log(tmp_path_factory):
 
 
 SMALL = ["model.max_len=20", "model.hidden=32", "model.num_heads=2", "model.dropout=0.1", "train.lr=0.005",
-         "train.warmup_steps=5", "train.batch_size=64", "train.log_every=1000"]
+         "train.warmup_steps=5", "train.batch_size=64", "train.log_every=1000", "data.eval_negatives=20"]
 
 
 @pytest.mark.ray
