@@ -84,6 +84,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="key=value applied to every stage")
     p.add_argument("--only", nargs="*", default=["ce", "pretrain", "sft"], help="stages to run")
+    p.add_argument("--readme", action="store_true", help="write the table into README.md between its diffusion markers")
     a = p.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     path = RESULTS / "diffusion.json"
@@ -97,7 +98,15 @@ def main(argv=None) -> None:
                                    "split": "leave_last_two", "protocol": "full", "budget": BUDGET, "sft": SFT,
                                    "multi": MULTI, "command": "python " + " ".join(["bench/diffusion.py", *sys.argv[1:]]),
                                    "rows": ordered})
-    print(table(sorted(rows.values(), key=lambda r: ORDER.index(r["row"]) if r["row"] in ORDER else 99)))
+    text = table(sorted(rows.values(), key=lambda r: ORDER.index(r["row"]) if r["row"] in ORDER else 99))
+    print(text)
+    if a.readme and rows:
+        any_row = next(iter(rows.values()))
+        text += (f"\n\nBudget for every row: {' '.join(BUDGET)}; SFT: {' '.join(SFT)} (from the pre-training run's best "
+                 f"weights). {any_row['hardware']}, commit {any_row['commit'][:8]}.")
+        readme = ROOT / "README.md"
+        head, rest = readme.read_text().split("<!-- diffusion:start -->", 1)
+        readme.write_text(f"{head}<!-- diffusion:start -->\n{text}\n<!-- diffusion:end -->{rest.split('<!-- diffusion:end -->', 1)[1]}")
 
 
 if __name__ == "__main__":
