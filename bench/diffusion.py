@@ -101,9 +101,9 @@ def main(argv=None) -> None:
     text = table(sorted(rows.values(), key=lambda r: ORDER.index(r["row"]) if r["row"] in ORDER else 99))
     print(text)
     if a.readme and rows:
-        any_row = next(iter(rows.values()))
+        top = json.loads(path.read_text())
         text += (f"\n\nBudget for every row: {' '.join(BUDGET)}; SFT: {' '.join(SFT)} (from the pre-training run's best "
-                 f"weights). {any_row['hardware']}, commit {any_row['commit'][:8]}.")
+                 f"weights). {top['hardware']}, commit {top['commit'][:8]}.")
         readme = ROOT / "README.md"
         head, rest = readme.read_text().split("<!-- diffusion:start -->", 1)
         readme.write_text(f"{head}<!-- diffusion:start -->\n{text}\n<!-- diffusion:end -->{rest.split('<!-- diffusion:end -->', 1)[1]}")
