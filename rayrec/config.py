@@ -56,7 +56,7 @@ class ModelConfig:
     attention: Literal["causal", "bidirectional", "time_interval"] = "causal"
     residual: Literal["plain", "mhc"] = "plain"
     user: Literal["none", "ssept"] = "none"
-    head: Literal["bce", "gbce", "sampled_softmax", "ce", "mse", "soft_bce"] = "bce"
+    head: Literal["bce", "gbce", "sampled_softmax", "ce", "mse", "soft_bce", "masked_diffusion"] = "bce"
     max_len: int = 200
     hidden: int = 50
     num_blocks: int = 2
@@ -74,6 +74,8 @@ class ModelConfig:
     user_dim: int = 0  # ssept: width of the user embedding (item embeddings get hidden - user_dim)
     sse_user_prob: float = 0.0  # ssept: probability of replacing the user id in training
     sse_item_prob: float = 0.0  # ssept: probability of replacing each input item id in training
+    diffusion_eps: float = 1e-3  # masked_diffusion: mask rate t ~ U(eps, 1) per sequence in pre-training
+    diffusion_sft_positions: int = 1  # masked_diffusion, train.stage=sft: final positions masked per sequence
 
 
 @dataclass
@@ -96,6 +98,10 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 50  # steps between TensorBoard train scalars
     max_steps_per_epoch: int = 0  # cap (for smoke runs); 0 = every training user once per epoch
+    stage: Literal["pretrain", "sft"] = "pretrain"  # masked_diffusion objective: random masks, or final position(s) only
+    init_from: str = ""  # run or checkpoint folder whose best weights start this run (fresh optimizer and epochs)
+    sft_epochs: int = 0  # > 0: after pre-training, chain an SFT run (<name>_sft) from its best weights
+    sft_lr: float = 0.0  # learning rate of the chained SFT run; 0 = train.lr
 
 
 @dataclass
@@ -106,6 +112,12 @@ class EvalConfig:
     metric: str = "val_ndcg_10"  # checkpoint selection and early stopping; always a validation metric
     batch_size: int = 256
     exclude_seen: bool = True  # full ranking: a user's history items are never recommended
+    diffusion_inference: Literal["single", "multi"] = "single"  # masked_diffusion: one mask token, or K unmasked iteratively
+    diffusion_k: int = 10  # multi: mask tokens appended = length of the recommended list
+    diffusion_threshold: float = 0.9  # multi: accept a position whose confidence reaches this
+    diffusion_decay: float = 0.9  # multi: threshold factor applied when no position reaches it
+    diffusion_temperature: float = 0.0  # multi: 0 = greedy; > 0 = Gumbel sampling, seeded by diffusion_seed
+    diffusion_seed: int = 0
 
 
 @dataclass
@@ -283,9 +295,34 @@ def validate(cfg: Config) -> Config:
         (0.0 <= m.sse_user_prob <= 1.0 and 0.0 <= m.sse_item_prob <= 1.0, "model.sse_*_prob must be in [0, 1]"),
         (m.user == "ssept" or (m.user_dim == 0 and m.sse_user_prob == 0 and m.sse_item_prob == 0),
          "model.user_dim and sse_*_prob only act with model.user=ssept; set model.user=ssept or leave them at 0"),
-        (m.attention != "bidirectional",
+        (m.attention != "bidirectional" or m.head == "masked_diffusion",
          "model.attention=bidirectional lets every position see its own next item; it is for masked-item "
-         "training (DiffSASRec), not for next-item heads: use causal or time_interval"),
+         "training (DiffSASRec, model.head=masked_diffusion), not for next-item heads: use causal or time_interval"),
+        (m.head != "masked_diffusion" or m.attention == "bidirectional",
+         f"model.head=masked_diffusion predicts masked items from both sides: set model.attention=bidirectional "
+         f"(got {m.attention})"),
+        (m.head != "masked_diffusion" or m.sse_item_prob == 0,
+         "model.sse_item_prob would replace mask tokens with items; set it to 0 with model.head=masked_diffusion"),
+        (0.0 < m.diffusion_eps < 1.0, f"model.diffusion_eps must be in (0, 1), got {m.diffusion_eps}"),
+        (1 <= m.diffusion_sft_positions < m.max_len,
+         f"model.diffusion_sft_positions must be in [1, max_len={m.max_len}), got {m.diffusion_sft_positions}"),
+        (t.stage == "pretrain" or m.head == "masked_diffusion",
+         f"train.stage=sft is the fine-tuning stage of model.head=masked_diffusion; got head={m.head}"),
+        (t.sft_epochs >= 0 and t.sft_lr >= 0, "train.sft_epochs and train.sft_lr must be >= 0"),
+        (t.sft_epochs == 0 or (m.head == "masked_diffusion" and t.stage == "pretrain"),
+         "train.sft_epochs chains SFT after masked_diffusion pre-training: needs model.head=masked_diffusion "
+         "and train.stage=pretrain"),
+        (e.diffusion_inference == "single" or m.head == "masked_diffusion",
+         f"eval.diffusion_inference=multi needs model.head=masked_diffusion, got head={m.head}"),
+        (e.diffusion_inference == "single" or e.protocol == "full",
+         "eval.diffusion_inference=multi returns a list, not scores: it needs eval.protocol=full"),
+        (e.diffusion_inference == "single" or max(e.ks, default=0) <= e.diffusion_k,
+         f"eval.diffusion_inference=multi recommends eval.diffusion_k={e.diffusion_k} items; every k in eval.ks "
+         f"{e.ks} must be <= it (raise diffusion_k or lower ks)"),
+        (e.diffusion_inference == "single" or 1 <= e.diffusion_k < m.max_len, f"eval.diffusion_k must be in [1, max_len={m.max_len}), got {e.diffusion_k}"),
+        (0.0 < e.diffusion_threshold <= 1.0 and 0.0 < e.diffusion_decay < 1.0,
+         "eval.diffusion_threshold must be in (0, 1] and eval.diffusion_decay in (0, 1)"),
+        (e.diffusion_temperature >= 0, "eval.diffusion_temperature must be >= 0"),
         (m.norm_first or (m.residual == "plain" and m.block == "sasrec"),
          f"model.norm_first=false (Post-LN) only exists for block=sasrec with residual=plain; "
          f"block={m.block} / residual={m.residual} are Pre-LN: set model.norm_first=true"),

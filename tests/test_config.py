@@ -24,7 +24,7 @@ def test_overrides_are_typed():
     [
         (["train.lrr=1"], "unknown config key(s) ['train.lrr']"),
         (["bogus=1"], "unknown config key(s) ['bogus']"),
-        (["model.head=softmax"], "choose one of ['bce', 'gbce', 'sampled_softmax', 'ce', 'mse', 'soft_bce']"),
+        (["model.head=softmax"], "choose one of ['bce', 'gbce', 'sampled_softmax', 'ce', 'mse', 'soft_bce', 'masked_diffusion']"),
         (["train.lr=fast"], "train.lr must be a number"),
         (["train.lr=-1"], "train.lr must be > 0"),
         (["model.hidden=50", "model.num_heads=3"], "divisible by model.num_heads"),

@@ -26,6 +26,10 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model, store: SequenceStore, cfg: EvalConfig, max_len: int, stage: str, device: torch.device) -> dict[str, float]:
     """Metrics for ``stage`` in {'val', 'test'} over every evaluable user of every rank."""
+    if cfg.diffusion_inference == "multi" and hasattr(getattr(model, "head", None), "corrupt"):
+        from rayrec.eval.multistep import evaluate_multistep  # lists, not scores: its own ranking
+
+        return evaluate_multistep(model, store, cfg, max_len, stage, device)
     was_training = model.training
     model.eval()
     protocols = ["full", "sampled"] if cfg.protocol == "both" else [cfg.protocol]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rayrec.models.diffusion import MaskedDiffusionHead
 from rayrec.models.softmax_ce import softmax_ce_sum
 
 
@@ -169,4 +170,5 @@ HEADS = {
     "ce": lambda cfg, n: SoftmaxCEHead(),
     "mse": lambda cfg, n: RatingMSEHead(),
     "soft_bce": lambda cfg, n: SoftLabelBCEHead(cfg),
+    "masked_diffusion": MaskedDiffusionHead,
 }

@@ -57,6 +57,8 @@ class SeqRec(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]):
         """Training objective: (loss_sum, count) over non-padding targets."""
+        if hasattr(self.head, "corrupt"):  # masked-item heads choose which inputs the model sees
+            batch = self.head.corrupt(batch)
         users = batch.get("user_idx")
         h = self.encode(batch["items"], batch.get("timestamps"), users)  # (B, T, D)
         h_item, offset = self.user.split(h, users)
@@ -66,6 +68,8 @@ class SeqRec(nn.Module):
     def score_last(self, items: torch.Tensor, timestamps: torch.Tensor | None = None,
                    users: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of every item for the next position after each history: (B, N+1), padding = -inf."""
+        if hasattr(self.head, "query"):  # masked-item heads read the next item off an appended mask token
+            items, timestamps = self.head.query(items), None
         h = self.encode(items, timestamps, users)[:, -1:]  # (B, 1, D): histories are left-padded
         h_item, offset = self.user.split(h, users)
         scores = h_item[:, 0] @ self.output_embeddings().T  # (B, N+1)

@@ -18,7 +18,8 @@ import torch
 
 class _ChunkedSoftmaxCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int, item_block: int) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int, item_block: int,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
         # h: (V, D) hidden states, w: (N, D) item embeddings, y: (V,) targets in [0, N)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dtype = torch.promote_types(torch.promote_types(h.dtype, w.dtype), torch.float32)  # bf16/fp16 -> fp32
@@ -29,6 +30,7 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         N = wf.shape[0]
         for s in range(0, hf.shape[0], chunk):
             hc, yc = hf[s : s + chunk], y[s : s + chunk]  # (c, D), (c,)
+            wc = None if weight is None else weight[s : s + chunk].to(dtype)  # (c,) per-row loss weight
             rows = torch.arange(len(yc), device=hc.device)
             target = (hc * wf[yc]).sum(-1)  # (c,)
             if item_block >= N:  # one block: logits computed once
@@ -40,7 +42,7 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
                 for j in range(0, N, item_block):
                     lse = torch.logaddexp(lse, torch.logsumexp(hc @ wf[j : j + item_block].T, dim=-1))
                 blocks = None
-            loss += (lse - target).sum()
+            loss += (lse - target).sum() if wc is None else (wc * (lse - target)).sum()
             if not (need_h or need_w):
                 continue
             if need_h:
@@ -49,6 +51,8 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
                 p = logits.sub_(lse[:, None]).exp_()  # softmax of this block, in place: (c, b)
                 hit = (yc >= j) & (yc < j + p.shape[1])
                 p[rows[hit], yc[hit] - j] -= 1.0  # d loss / d logits
+                if wc is not None:
+                    p.mul_(wc[:, None])
                 if need_h:
                     grad_h[s : s + chunk].addmm_(p, wf[j : j + p.shape[1]])
                 if need_w:
@@ -62,16 +66,17 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = (grad_h * grad_out).to(ctx.dtypes[0]) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.dtypes[1]) if grad_w is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def softmax_ce_sum(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int = 256,
-                   item_block: int | None = None) -> torch.Tensor:
+                   item_block: int | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Summed cross-entropy of ``softmax(h @ w.T)`` against class indices ``y``.
 
     Equals ``F.cross_entropy(h @ w.T, y, reduction="sum")`` (values and gradients). ``chunk`` rows
-    at a time; ``item_block`` items at a time (default: all items in one block).
+    at a time; ``item_block`` items at a time (default: all items in one block). ``weight`` (V,), a constant
+    (no gradient), multiplies each row's loss.
     """
     if h.shape[0] == 0:
         return (h.sum() + w.sum()) * 0.0  # keeps the graph (and DDP's hooks) connected
-    return _ChunkedSoftmaxCE.apply(h, w, y, chunk, item_block or w.shape[0])
+    return _ChunkedSoftmaxCE.apply(h, w, y, chunk, item_block or w.shape[0], weight)

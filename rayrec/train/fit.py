@@ -13,6 +13,7 @@ from rayrec.data.sequences import SequenceData, build_sequences
 from rayrec.ray_env import init_ray
 from rayrec.train import faults
 from rayrec.train.loop import train_loop
+from rayrec.train.stages import chain_sft, check_init_from
 
 log = logging.getLogger("rayrec.train")
 
@@ -96,6 +97,7 @@ def fit(cfg: Config) -> FitResult:
     _check_run_dir(cfg)  # before starting Ray: a refused run costs nothing
     init_ray()
     _check_resources(cfg)
+    check_init_from(cfg)
     data = build_sequences(cfg.data)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -109,4 +111,5 @@ def fit(cfg: Config) -> FitResult:
     (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     df = result.metrics_dataframe
     history = df.to_dict("records") if df is not None else []
-    return FitResult(metrics, ck, run_dir, data, history)
+    result = FitResult(metrics, ck, run_dir, data, history)
+    return chain_sft(cfg, result) if cfg.train.sft_epochs else result

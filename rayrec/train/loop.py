@@ -27,6 +27,7 @@ from rayrec.models import build_model
 from rayrec.quant import init_from_float, is_quant_param, prepare, quant_penalty
 from rayrec.train import checkpoint as ckpt
 from rayrec.train import faults
+from rayrec.train.stages import init_weights
 from rayrec.train.tb import TBLogger, check_scalars
 
 log = logging.getLogger("rayrec.train")
@@ -247,6 +248,9 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
     torch.manual_seed(cfg.train.seed)
     # quantizers before the checkpoint, DDP and the optimizer: their parameters must exist for all three
     model = prepare(build_model(cfg.model, store.num_items, num_users), cfg).to(device)
+    if hasattr(model.head, "stage"):  # masked_diffusion: pre-training or SFT masks
+        model.head.stage = cfg.train.stage
+    init_weights(model, cfg, resume_dir)
     if cfg.quant.init_from and not resume_dir:
         init_from_float(model, cfg.quant.init_from)
     optimizer = make_optimizer(model, cfg)
