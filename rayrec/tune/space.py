@@ -152,13 +152,16 @@ def validate_tune(cfg: Config) -> list[Param]:
     if t.search_alg == "optuna" and has_grid:
         raise ConfigError("tune.search_alg=optuna cannot expand grid entries; write them as choice, "
                           "or use tune.search_alg=random")
-    if t.search_alg == "optuna":
-        try:
-            import optuna  # noqa: F401
-        except ImportError:
-            raise ConfigError("tune.search_alg=optuna needs the optuna package (pip install optuna); "
-                              "or use tune.search_alg=random") from None
+    if t.search_alg == "optuna" and not _has_optuna():
+        raise ConfigError("tune.search_alg=optuna needs the optuna package (pip install optuna); "
+                          "or use tune.search_alg=random")
     return params
+
+
+def _has_optuna() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("optuna") is not None
 
 
 def search_alg_name(cfg: Config, params: list[Param]) -> str:
@@ -166,10 +169,6 @@ def search_alg_name(cfg: Config, params: list[Param]) -> str:
     alg = cfg.tune.search_alg
     if alg != "auto":
         return alg
-    if any(p.dist == "grid" for p in params) or not any(p.dist != "fixed" for p in params):
-        return "random"
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
+    if any(p.dist == "grid" for p in params) or not _has_optuna():
         return "random"
     return "optuna"
