@@ -162,6 +162,16 @@ def _prepare(cfg: Config) -> None:
     build_sequences(cfg.data)
 
 
+def _absolute_paths(cfg: Config) -> None:
+    """Trials run in Ray worker processes whose working folder is not the user's: pin local paths."""
+    d = cfg.data
+    for obj, attr in ((d, "log"), (d, "cache_dir"), (d.source, "path"), (cfg.scale, "storage_path")):
+        value = getattr(obj, attr)
+        if value and "://" not in value and (attr != "path" or Path(value).expanduser().exists()):
+            setattr(obj, attr, str(Path(value).expanduser().absolute()))
+    cfg.output_dir = str(Path(cfg.output_dir).expanduser().absolute())
+
+
 def run_sweep(cfg: Config) -> SweepResult:
     """Start a new sweep for a config with a ``tune`` section; refuses to overwrite an existing one."""
     from ray import tune
@@ -174,6 +184,7 @@ def run_sweep(cfg: Config) -> SweepResult:
     if (exp_dir / SWEEP_FILE).exists():
         raise ConfigError(f"{exp_dir} already holds a sweep; continue it with --resume {exp_dir}, "
                           "or choose a new tune.name=... (nothing was overwritten)")
+    _absolute_paths(cfg)
     _prepare(cfg)
     exp_dir.mkdir(parents=True, exist_ok=True)
     (exp_dir / SWEEP_FILE).write_text(cfg.to_yaml())
