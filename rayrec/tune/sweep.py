@@ -9,8 +9,9 @@ Layout of an experiment folder ``<output_dir>/<tune.name>/``::
     best_config.yaml          the best trial as a config that jobs/train.py runs
     metric_by_epoch.png       the tune metric per trial over epochs
 
-Trial names come from Tune's trial index (``trial_00000``), never from a time, so a restored sweep
-finds each trial's run folder and continues it from its last checkpoint.
+Trial names come from Tune's trial id (``trial_00000`` with random/grid search, ``trial_<8 hex>``
+with Optuna), never from a time; the ids are kept in the experiment state, so a restored sweep finds
+each trial's run folder and continues it from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ RUNS = "runs"
 
 
 def trial_name(trial) -> str:
-    # trial ids are "<experiment id>_<index>"; the index alone is stable across a restore
+    # random/grid ids are "<experiment id>_<index>": the index alone reads well; searcher ids have no "_"
     return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
 
 
