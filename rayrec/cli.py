@@ -1,4 +1,4 @@
-"""``rayrec prepare | train | evaluate``: CONFIG.yaml followed by key.sub=value overrides."""
+"""``rayrec prepare | train | evaluate | tune``: CONFIG.yaml followed by key.sub=value overrides."""
 from __future__ import annotations
 
 import argparse
@@ -68,6 +68,21 @@ def cmd_submit(a) -> None:
     print(f"submitted {job_id}; logs: ray job logs {job_id} --address {a.address}")
 
 
+def cmd_tune(a) -> None:
+    from rayrec.tune.sweep import resume_sweep, run_sweep
+
+    if a.resume:
+        if a.config or a.overrides:
+            raise ConfigError("--resume takes the experiment folder only: the sweep's config is read from its sweep.yaml")
+        res = resume_sweep(a.resume, resume_errored=a.resume_errored)
+    else:
+        if not a.config:
+            raise ConfigError("tune needs CONFIG.yaml (with a tune: section), or --resume <experiment folder>")
+        res = run_sweep(load_config(a.config, a.overrides))
+    print(f"\n{res.leaderboard}\n\nexperiment: {res.exp_dir}\nresults:    {res.exp_dir / 'results.csv'}"
+          f"\nbest:       {res.best_config}\nTensorBoard: tensorboard --logdir {res.exp_dir / 'runs'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rayrec", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -76,9 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         "train": (cmd_train, "train on Ray Train; prints validation/test metrics and the TensorBoard command"),
         "evaluate": (cmd_evaluate, "evaluate a run/checkpoint folder (or a YAML with eval.checkpoint)"),
         "submit": (cmd_submit, "preflight the working dir and submit jobs/train.py to a Ray cluster (docs/operations.md)"),
+        "tune": (cmd_tune, "search hyperparameters with Ray Tune (a config with a tune: section; docs/tune.md)"),
     }
     for name, (fn, help_) in specs.items():
         sp = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG)
+        if name == "tune":
+            sp.add_argument("config", nargs="?", help="CONFIG.yaml with a tune: section")
+            sp.add_argument("overrides", nargs="*", help="key.sub=value (tune.* keys too)")
+            sp.add_argument("--resume", metavar="EXPERIMENT", help="continue an interrupted sweep from its folder")
+            sp.add_argument("--resume-errored", action="store_true", help="with --resume: also rerun errored trials")
+            sp.set_defaults(fn=fn)
+            continue
         sp.add_argument("config", help="CONFIG.yaml" + (", run folder or checkpoint folder" if name == "evaluate" else ""))
         sp.add_argument("overrides", nargs="*", help="key.sub=value")
         if name == "prepare":

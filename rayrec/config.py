@@ -162,6 +162,25 @@ class QuantConfig:
 
 
 @dataclass
+class TuneConfig:
+    """``jobs/tune.py``: a search over any dotted config key; ignored by jobs/train.py (docs/tune.md)."""
+
+    name: str = ""  # experiment folder under output_dir; default: <name>_tune
+    metric: str = ""  # what the search maximises/minimises; default: eval.metric (a val_* metric)
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = 1  # samples of the space (each grid point is repeated this many times)
+    max_concurrent_trials: int = 2
+    trial_cpus: float = 0.1  # the trial driver's own request (> 0); its Train workers come from scale.*
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = 1  # asha: validation passes before a trial can be stopped
+    reduction_factor: float = 2.0  # asha: keep the top 1/reduction_factor at each rung
+    search_alg: Literal["auto", "random", "optuna"] = "auto"  # auto: Optuna TPE when installed and no grid
+    seed: int = 0  # seeds the search algorithm
+    max_failures: int = 0  # retries of a failed trial before it is recorded as errored
+    space: dict[str, Any] = field(default_factory=dict)  # "model.hidden": {choice: [32, 64]}, ...
+
+
+@dataclass
 class Config:
     name: str = "run"
     output_dir: str = "runs"  # the run lives in output_dir/name
@@ -172,6 +191,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -219,6 +239,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
+    if origin is dict:  # free-form mappings (tune.space); their content is checked by their owner
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key} must be a string, got {value!r}")
@@ -369,6 +393,10 @@ def validate(cfg: Config) -> Config:
     from rayrec.safety import check_config  # run name charset, URL schemes/queries, absolute local paths
 
     check_config(cfg)
+    if cfg.tune != TuneConfig():  # lazy: rayrec.tune imports this module
+        from rayrec.tune.space import validate_tune
+
+        validate_tune(cfg)
     return cfg
 
 

@@ -93,7 +93,8 @@ def _check_resources(cfg: Config) -> None:
         raise ConfigError(f"scale.use_gpu with {s.num_workers} workers but the cluster has {total.get('GPU', 0):g} GPUs")
 
 
-def fit(cfg: Config) -> FitResult:
+def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
+    """Train one config; ``callbacks`` are Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
     _check_run_dir(cfg)  # before starting Ray: a refused run costs nothing
     init_ray()
     _check_resources(cfg)
@@ -103,7 +104,7 @@ def fit(cfg: Config) -> FitResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     (run_dir / "data_meta.json").write_text(json.dumps(data.meta, indent=2, default=str))
-    result = trainer_for(cfg, data).fit()
+    result = trainer_for(cfg, data, callbacks=callbacks).fit()
     if result.error:
         raise result.error
     metrics = dict(result.metrics or {})

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over any dotted config key (docs/tune.md)."""

@@ -1,0 +1,225 @@
+"""A Tune sweep: one driver function per trial that calls the same ``fit(cfg)`` as ``jobs/train.py``.
+
+Layout of an experiment folder ``<output_dir>/<tune.name>/``::
+
+    sweep.yaml                the resolved base config + tune section (what --resume reads)
+    trial_00000/ ...          Tune's own trial folders (result.json, progress.csv, events)
+    runs/trial_00000/         each trial's Train run: checkpoints, tensorboard/ (scalars + HParams)
+    results.parquet/.csv      every trial's config and metrics
+    best_config.yaml          the best trial as a config that jobs/train.py runs
+    metric_by_epoch.png       the tune metric per trial over epochs
+
+Trial names come from Tune's trial id (``trial_00000`` with random/grid search, ``trial_<8 hex>``
+with Optuna), never from a time; the ids are kept in the experiment state, so a restored sweep finds
+each trial's run folder and continues it from its last checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rayrec.config import Config, ConfigError, TuneConfig, _set_path, config_from_dict, load_config
+from rayrec.tune.space import Param, search_alg_name, tune_metric, validate_tune
+
+log = logging.getLogger("rayrec.tune")
+SWEEP_FILE = "sweep.yaml"
+RUNS = "runs"
+
+
+def trial_name(trial) -> str:
+    # random/grid ids are "<experiment id>_<index>": the index alone reads well; searcher ids have no "_"
+    return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
+
+
+def experiment_dir(cfg: Config) -> Path:
+    return Path(cfg.output_dir).expanduser().absolute() / (cfg.tune.name or f"{cfg.name}_tune")
+
+
+def trial_config(base: dict[str, Any], sampled: dict[str, Any], exp_dir: str, name: str) -> Config:
+    """The full run config of one trial: the base config with the sampled dotted keys set."""
+    raw = copy.deepcopy(base)
+    raw.pop("tune", None)
+    for key, value in sampled.items():
+        _set_path(raw, key, list(value) if isinstance(value, tuple) else value)
+    raw.update(name=name, output_dir=str(Path(exp_dir) / RUNS), resume=False)
+    return config_from_dict(raw)
+
+
+def _report_callback(metric: str):
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ValidationReportCallback(TuneReportCallback):
+        """Forwards only reports that carry the tune metric (validation epochs and the final report):
+        Tune requires the metric in every result, and ASHA's rungs then count validation passes."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ValidationReportCallback()
+
+
+def run_trial(sampled: dict[str, Any], base: dict[str, Any], exp_dir: str) -> None:
+    """Tune's trainable: one trial = one ``fit(cfg)`` with a callback that feeds Tune."""
+    from ray import tune
+
+    from rayrec.train.fit import fit
+    from rayrec.tune.report import write_trial_hparams
+
+    metric = tune_metric(config_from_dict(base))
+    cfg = trial_config(base, sampled, exp_dir, tune.get_context().get_trial_name())  # a bad combination fails here, alone
+    # a restored trial finds its own checkpoints: continue it instead of starting over
+    cfg.resume = cfg.run_dir.exists() and any(p.name.startswith("checkpoint_") for p in cfg.run_dir.iterdir())
+    write_trial_hparams(cfg, sampled, metric)
+    fit(cfg, callbacks=[_report_callback(metric)])
+
+
+@dataclass
+class SweepResult:
+    exp_dir: Path
+    table: Any  # pandas DataFrame, one row per trial
+    best_config: Path | None
+    leaderboard: str
+
+
+def _trainable(base: dict[str, Any], exp_dir: Path, trial_cpus: float):
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(run_trial, base=base, exp_dir=str(exp_dir)), {"cpu": trial_cpus})
+
+
+def _check_capacity(cfg: Config) -> None:
+    import ray
+
+    if os.environ.get("RAYREC_AUTOSCALING") == "1":
+        return
+    s, t = cfg.scale, cfg.tune
+    one = t.trial_cpus + s.num_workers * s.cpus_per_worker
+    have = ray.cluster_resources().get("CPU", 0)
+    if one > have + 1e-9:
+        raise ConfigError(f"one trial asks tune.trial_cpus {t.trial_cpus} + scale.num_workers {s.num_workers} x "
+                          f"scale.cpus_per_worker {s.cpus_per_worker} = {one:g} CPUs but the cluster has {have:g}; "
+                          "lower scale.cpus_per_worker (fractions are fine)")
+
+
+def _tuner_config(cfg: Config, params: list[Param]):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    t = cfg.tune
+    metric = tune_metric(cfg)
+    scheduler = FIFOScheduler()
+    if t.scheduler == "asha":
+        # one Tune result per validation pass plus the final report (best-on-validation + test)
+        max_t = -(-cfg.train.epochs // cfg.train.eval_every) + 1
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(t.grace_period, max_t),
+                                  reduction_factor=t.reduction_factor)
+    search_alg = None
+    if search_alg_name(cfg, params) == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=t.seed))
+    return tune.TuneConfig(metric=metric, mode=t.mode, num_samples=t.num_samples,
+                           max_concurrent_trials=t.max_concurrent_trials, scheduler=scheduler, search_alg=search_alg,
+                           trial_name_creator=trial_name, trial_dirname_creator=trial_name)
+
+
+def _run_config(cfg: Config, exp_dir: Path):
+    from ray import tune
+
+    return tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
+                          failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures, fail_fast=False))
+
+
+def _init_ray() -> None:
+    import ray
+
+    from rayrec.ray_env import init_ray, set_env
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        init_ray()
+        return
+    set_env()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # with the dashboard: Ray Train's placement-group cleaner asks the State API (served by the
+    # dashboard) whether a trial's controller is gone; without it, the workers' CPUs of a trial that
+    # ASHA stopped stay reserved and later trials wait for them forever
+    ray.init(include_dashboard=True)
+
+
+def _prepare(cfg: Config) -> None:
+    """Data work done once on the driver, so concurrent trials only read the cache."""
+    from rayrec.data.prepare import ensure_log
+    from rayrec.data.sequences import build_sequences
+
+    ensure_log(cfg.data)
+    _init_ray()
+    _check_capacity(cfg)
+    build_sequences(cfg.data)
+
+
+def _absolute_paths(cfg: Config) -> None:
+    """Trials run in Ray worker processes whose working folder is not the user's: pin local paths."""
+    d = cfg.data
+    for obj, attr in ((d, "log"), (d, "cache_dir"), (d.source, "path"), (cfg.scale, "storage_path")):
+        value = getattr(obj, attr)
+        if value and "://" not in value and (attr != "path" or Path(value).expanduser().exists()):
+            setattr(obj, attr, str(Path(value).expanduser().absolute()))
+    cfg.output_dir = str(Path(cfg.output_dir).expanduser().absolute())
+
+
+def run_sweep(cfg: Config) -> SweepResult:
+    """Start a new sweep for a config with a ``tune`` section; refuses to overwrite an existing one."""
+    from ray import tune
+
+    params = validate_tune(cfg)  # again: a config built in code may have skipped load_config
+    if cfg.tune == TuneConfig() or not any(p.dist != "fixed" for p in params):
+        raise ConfigError("the config has no tune.space to search; add e.g. "
+                          "tune: {space: {train.lr: {loguniform: [1.0e-4, 1.0e-2]}}}")
+    exp_dir = experiment_dir(cfg)
+    if (exp_dir / SWEEP_FILE).exists():
+        raise ConfigError(f"{exp_dir} already holds a sweep; continue it with --resume {exp_dir}, "
+                          "or choose a new tune.name=... (nothing was overwritten)")
+    _absolute_paths(cfg)
+    _prepare(cfg)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    (exp_dir / SWEEP_FILE).write_text(cfg.to_yaml())
+    base = cfg.to_dict()
+    log.info("sweep %s: %d searched keys, search=%s, scheduler=%s", exp_dir, len(params),
+             search_alg_name(cfg, params), cfg.tune.scheduler)
+    tuner = tune.Tuner(_trainable(base, exp_dir, cfg.tune.trial_cpus),
+                       param_space={p.key: p.to_tune() for p in params},
+                       tune_config=_tuner_config(cfg, params), run_config=_run_config(cfg, exp_dir))
+    return _finish(cfg, exp_dir, tuner.fit())
+
+
+def resume_sweep(exp_dir: str | Path, resume_errored: bool = False) -> SweepResult:
+    """Continue an interrupted sweep: finished trials are kept, unfinished ones continue from their
+    last checkpoint, errored ones rerun only with ``resume_errored``."""
+    from ray import tune
+
+    exp_dir = Path(exp_dir).expanduser().absolute()
+    if not (exp_dir / SWEEP_FILE).exists():
+        raise ConfigError(f"{exp_dir} is not a sweep folder (no {SWEEP_FILE}); pass the folder that "
+                          "jobs/tune.py printed when the sweep started")
+    cfg = load_config(exp_dir / SWEEP_FILE)
+    if not tune.Tuner.can_restore(str(exp_dir)):
+        raise ConfigError(f"{exp_dir} holds no Tune experiment state yet (interrupted before the first trial "
+                          f"started); delete it and start the sweep again")
+    _prepare(cfg)
+    tuner = tune.Tuner.restore(str(exp_dir), trainable=_trainable(cfg.to_dict(), exp_dir, cfg.tune.trial_cpus),
+                               resume_unfinished=True, resume_errored=resume_errored, restart_errored=False)
+    return _finish(cfg, exp_dir, tuner.fit())
+
+
+def _finish(cfg: Config, exp_dir: Path, grid) -> SweepResult:
+    from rayrec.tune.report import write_outputs
+
+    table, best, board = write_outputs(cfg, exp_dir, grid)
+    return SweepResult(exp_dir, table, best, board)
+
