@@ -161,18 +161,22 @@ def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
     return sorted_keys[pos] == keys
 
 
+HELD_OUT = {"val": 2, "test": 1, "next": 0}  # items after the history: s[:L-2] -> s[L-2], ..., s[:L] -> unknown
+
+
 def eval_batch(store: SequenceStore, rows: np.ndarray, max_len: int, stage: str) -> dict[str, np.ndarray]:
-    """History window, target and seen-item positions for validation (stage='val') or test."""
+    """History window, target and seen-item positions for validation (stage='val'), test, or
+    recommendation after the whole sequence (stage='next': no target, used by rayrec.infer)."""
     L = store.lengths[rows]
     start = store.offsets[rows]
-    cut = start + L - (2 if stage == "val" else 1)  # history = s[:cut], target = s[cut]
+    cut = start + L - HELD_OUT[stage]  # history = s[:cut], target = s[cut]
     seen_len = cut - start
     seen_rows = np.repeat(np.arange(len(rows)), seen_len)
     seen_pos = np.repeat(start - np.r_[0, np.cumsum(seen_len)[:-1]], seen_len) + np.arange(seen_len.sum())
     return {
         "items": gather_windows(store.items, start, cut, max_len),  # (B, T)
         "timestamps": gather_windows(store.timestamps, start, cut, max_len),  # (B, T)
-        "target": store.items[cut].astype(np.int64),  # (B,)
+        "target": None if stage == "next" else store.items[cut].astype(np.int64),  # (B,)
         "user_idx": store.user_idx[rows],
         "seen_rows": seen_rows,  # (S,) row of each seen item in the batch
         "seen_items": store.items[seen_pos].astype(np.int64),  # (S,) the whole history, not just the window
