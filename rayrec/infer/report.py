@@ -61,8 +61,8 @@ def _tensorboard_history(logdir: Path) -> list[dict]:
 
 def _result_json_history(path: Path) -> tuple[list[dict], dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    history = [r for r in rows if not r.get("final") and "epoch" in r]
-    finals = [r for r in rows if r.get("final") or any(k.startswith("test_") for k in r)]
+    history = [r for r in rows if r.get("final") != 1 and "epoch" in r]
+    finals = [r for r in rows if r.get("final") == 1 or any(k.startswith("test_") for k in r)]
     return history, (finals[-1] if finals else {})
 
 
@@ -109,6 +109,10 @@ def plot_curves(runs: list[Run], path: Path) -> Path | None:
         vals = [(h["epoch"], h[r.metric]) for h in r.history if r.metric in h and math.isfinite(h[r.metric])]
         if vals:
             ax_val.plot(*zip(*vals), marker="o", markersize=3, label=r.name)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_loss, ax_val):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.set(title="training loss", xlabel="epoch")
     ax_val.set(title=f"validation {runs[0].metric}", xlabel="epoch")
     if len(runs) <= 8:
