@@ -1,4 +1,5 @@
-"""``rayrec prepare | train | evaluate | tune``: CONFIG.yaml followed by key.sub=value overrides."""
+"""``rayrec prepare | train | tune | evaluate | recommend | export | report | submit``: a config (or
+run folder) followed by key.sub=value overrides."""
 from __future__ import annotations
 
 import argparse
@@ -83,16 +84,67 @@ def cmd_tune(a) -> None:
           f"\nbest:       {res.best_config}\nTensorBoard: tensorboard --logdir {res.exp_dir / 'runs'}")
 
 
+def _checkpoint_target(a, key: str) -> tuple[str, list[str]]:
+    """A run/checkpoint folder (or URL) as given, or the one a YAML config names under ``key``."""
+    target, overrides = a.config, list(a.overrides)
+    if target.endswith((".yaml", ".yml")):
+        cfg = load_config(target, overrides)
+        section, field = key.split(".")
+        target = getattr(getattr(cfg, section), field)
+        if not target:
+            raise ConfigError(f"{a.cmd} with a YAML config needs {key}=<run folder, checkpoint folder or bundle>")
+        overrides = [o for o in overrides if not o.startswith(key + "=")]
+    return target, overrides
+
+
+def cmd_recommend(a) -> None:
+    from rayrec.infer.batch import recommend_all
+
+    target, overrides = _checkpoint_target(a, "infer.checkpoint")
+    s = recommend_all(target, overrides)
+    print(f"wrote {s['rows']:,} recommendations ({s['users']:,} users x k={s['k']}, row count checked) to {s['output']} "
+          f"in {s['seconds']} s\nread them: python -c \"import pandas as pd; print(pd.read_parquet('{s['output']}').head(20))\"")
+
+
+def cmd_export(a) -> None:
+    from rayrec.infer.export import export_bundle
+
+    target, overrides = _checkpoint_target(a, "infer.checkpoint")
+    out = a.out or str(_local_run(target) / "export")
+    m = export_bundle(target, out, formats=a.format.split(","), overrides=overrides)
+    print(f"bundle: {m['bundle']} ({', '.join(m['files'].values())}); agreement with eager: {json.dumps(m['agreement'])}")
+
+
+def _local_run(target: str):
+    from pathlib import Path
+
+    p = Path(target).expanduser()
+    return p if "://" not in target and (p / "config.yaml").exists() and not (p / "state.json").exists() else p.parent
+
+
+def cmd_report(a) -> None:
+    from rayrec.infer.report import write_report
+
+    r = write_report(a.config, a.out or None)
+    print(f"report: {r['markdown']}\n" + "\n".join(f"  {p}" for p in r["plots"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rayrec", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     specs = {
         "prepare": (cmd_prepare, "convert data.source into data.log (if missing) and build the sequences"),
         "train": (cmd_train, "train on Ray Train; prints validation/test metrics and the TensorBoard command"),
+        "tune": (cmd_tune, "search hyperparameters with Ray Tune (a config with a tune: section; docs/tune.md)"),
         "evaluate": (cmd_evaluate, "evaluate a run/checkpoint folder (or a YAML with eval.checkpoint)"),
         "submit": (cmd_submit, "preflight the working dir and submit jobs/train.py to a Ray cluster (docs/operations.md)"),
-        "tune": (cmd_tune, "search hyperparameters with Ray Tune (a config with a tune: section; docs/tune.md)"),
+        "recommend": (cmd_recommend, "batch inference: top-k for every user of the training data -> recommendations.parquet "
+                                     "(infer.k, infer.output, infer.num_actors, infer.device, ...)"),
+        "export": (cmd_export, "write a self-contained bundle: weights, config, vocab, TorchScript and ONNX (history -> top-k)"),
+        "report": (cmd_report, "PNG plots (training curves, metric@K bars, run/trial comparison) and report.md for a run or experiment folder"),
     }
+    targets = {"evaluate": ", run folder or checkpoint folder", "recommend": ", run, checkpoint or bundle folder, or URL",
+               "export": ", run or checkpoint folder, or URL"}
     for name, (fn, help_) in specs.items():
         sp = sub.add_parser(name, help=help_, description=help_, epilog=EPILOG)
         if name == "tune":
@@ -102,8 +154,16 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--resume-errored", action="store_true", help="with --resume: also rerun errored trials")
             sp.set_defaults(fn=fn)
             continue
-        sp.add_argument("config", help="CONFIG.yaml" + (", run folder or checkpoint folder" if name == "evaluate" else ""))
+        if name == "report":
+            sp.add_argument("config", metavar="FOLDER", help="a run folder, or a folder of runs / Tune trials")
+            sp.add_argument("--out", default="", help="where the PNGs and report.md go (default: FOLDER/report)")
+            sp.set_defaults(fn=fn, overrides=[])
+            continue
+        sp.add_argument("config", help="CONFIG.yaml" + targets.get(name, ""))
         sp.add_argument("overrides", nargs="*", help="key.sub=value")
+        if name == "export":
+            sp.add_argument("--out", default="", help="bundle folder (default: <run folder>/export)")
+            sp.add_argument("--format", default="torchscript,onnx", help="comma-separated: torchscript, onnx")
         if name == "prepare":
             sp.add_argument("--force", action="store_true", help="re-convert the source and rebuild the sequences")
         if name == "evaluate":

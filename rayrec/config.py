@@ -181,6 +181,22 @@ class TuneConfig:
 
 
 @dataclass
+class InferConfig:
+    """``rayrec recommend`` / ``rayrec export`` and the defaults of ``rayrec.infer.Recommender``."""
+
+    checkpoint: str = ""  # with a YAML config: run folder, checkpoint folder or exported bundle (path or URL)
+    k: int = 10  # recommendations per user
+    exclude_seen: bool = True  # never recommend an item of the user's history
+    unknown_items: Literal["error", "skip"] = "error"  # history items missing from the vocab
+    empty_history: Literal["popular", "error"] = "popular"  # no known item: most-popular fallback, or fail
+    output: str = ""  # recommendations.parquet (a Parquet dataset folder), path or URL; default: in the run folder
+    batch_size: int = 1024  # users per map_batches call
+    num_actors: int = 1  # scoring actors in the pool
+    cpus_per_actor: float = 1.0
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: one GPU per actor when the cluster has GPUs
+
+
+@dataclass
 class Config:
     name: str = "run"
     output_dir: str = "runs"  # the run lives in output_dir/name
@@ -192,6 +208,7 @@ class Config:
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -304,8 +321,10 @@ def _merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate(cfg: Config) -> Config:
-    m, t, e, s, d = cfg.model, cfg.train, cfg.eval, cfg.scale, cfg.data
+    m, t, e, s, d, i = cfg.model, cfg.train, cfg.eval, cfg.scale, cfg.data, cfg.infer
     checks = [
+        (i.k >= 1 and i.batch_size >= 1 and i.num_actors >= 1, "infer.k, infer.batch_size and infer.num_actors must be >= 1"),
+        (i.cpus_per_actor > 0, f"infer.cpus_per_actor must be > 0 (fractions are fine), got {i.cpus_per_actor}"),
         (m.max_len >= 2, "model.max_len must be >= 2"),
         (m.hidden >= 1 and m.num_blocks >= 1 and m.num_heads >= 1, "model.hidden, num_blocks, num_heads must be >= 1"),
         (m.hidden % m.num_heads == 0, f"model.hidden ({m.hidden}) must be divisible by model.num_heads ({m.num_heads})"),

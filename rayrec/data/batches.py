@@ -97,9 +97,10 @@ class SequenceStore:
         return np.flatnonzero(self.target_pos(stage) >= 0)
 
     def target_pos(self, stage: str) -> np.ndarray:
-        if stage not in ("val", "test"):
-            raise ValueError(f"stage must be 'val' or 'test', got {stage!r}")
-        return self.val_pos if stage == "val" else self.test_pos
+        """Where each user's history ends: the val/test target, or 'next' = after the whole sequence."""
+        if stage not in ("val", "test", "next"):
+            raise ValueError(f"stage must be 'val', 'test' or 'next', got {stage!r}")
+        return {"val": self.val_pos, "test": self.test_pos, "next": self.lengths}[stage]
 
     def forbidden_keys(self) -> np.ndarray:
         """Sorted keys row*(N+1)+item that training negatives must avoid: every history item and
@@ -185,7 +186,8 @@ def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
 
 
 def eval_batch(store: SequenceStore, rows: np.ndarray, max_len: int, stage: str) -> dict[str, np.ndarray]:
-    """History window, target and seen-item positions for validation (stage='val') or test."""
+    """History window, target and seen-item positions for validation (stage='val'), test, or
+    recommendation after the whole sequence (stage='next': no target, used by rayrec.infer)."""
     start = store.offsets[rows]
     pos = store.target_pos(stage)[rows]
     if (pos < 0).any():
@@ -197,7 +199,7 @@ def eval_batch(store: SequenceStore, rows: np.ndarray, max_len: int, stage: str)
     return {
         "items": gather_windows(store.items, start, cut, max_len),  # (B, T)
         "timestamps": gather_windows(store.timestamps, start, cut, max_len),  # (B, T)
-        "target": store.items[cut].astype(np.int64),  # (B,)
+        "target": None if stage == "next" else store.items[cut].astype(np.int64),  # (B,)
         "user_idx": store.user_idx[rows],
         "seen_rows": seen_rows,  # (S,) row of each seen item in the batch
         "seen_items": store.items[seen_pos].astype(np.int64),  # (S,) the whole history, not just the window

@@ -23,6 +23,26 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+def score_batch(model, b: dict, device: torch.device) -> torch.Tensor:
+    """Scores of every item after each history of an ``eval_batch``: (B, N+1), padding = -inf.
+
+    Evaluation and ``rayrec.infer`` (API, batch job) both score through here, so what the
+    metrics rank first is what a user is recommended.
+    """
+    items = torch.from_numpy(b["items"]).long().to(device)
+    stamps = torch.from_numpy(b["timestamps"]).to(device)
+    user_idx = torch.from_numpy(b["user_idx"]).long().to(device)
+    return model.score_last(items, stamps, user_idx).float()
+
+
+def mask_seen(scores: torch.Tensor, b: dict) -> torch.Tensor:
+    """Set every item of each user's whole history (not only the window) to -inf, in place."""
+    seen_r = torch.from_numpy(b["seen_rows"]).to(scores.device)
+    seen_i = torch.from_numpy(b["seen_items"]).to(scores.device)
+    scores[seen_r, seen_i] = float("-inf")
+    return scores
+
+
 @torch.no_grad()
 def evaluate(model, store: SequenceStore, cfg: EvalConfig, max_len: int, stage: str, device: torch.device) -> dict[str, float]:
     """Metrics for ``stage`` in {'val', 'test'} over every evaluable user of every rank."""
@@ -41,18 +61,11 @@ def evaluate(model, store: SequenceStore, cfg: EvalConfig, max_len: int, stage: 
     users = store.eval_users(stage)
     for lo in range(0, len(users), cfg.batch_size):
         b = eval_batch(store, users[lo: lo + cfg.batch_size], max_len, stage)
-        items = torch.from_numpy(b["items"]).long().to(device)
-        stamps = torch.from_numpy(b["timestamps"]).to(device)
         target = torch.from_numpy(b["target"]).to(device)
-        user_idx = torch.from_numpy(b["user_idx"]).long().to(device)
-        scores = model.score_last(items, stamps, user_idx).float()  # (B, N+1)
+        scores = score_batch(model, b, device)  # (B, N+1)
         rows = torch.arange(len(target), device=device)
         if "full" in protocols:
-            full = scores.clone()
-            if cfg.exclude_seen:
-                seen_r = torch.from_numpy(b["seen_rows"]).to(device)
-                seen_i = torch.from_numpy(b["seen_items"]).to(device)
-                full[seen_r, seen_i] = float("-inf")
+            full = mask_seen(scores.clone(), b) if cfg.exclude_seen else scores.clone()
             ranks = rank_of_target(full, full[rows, target])
             for k, v in metric_sums(ranks, cfg.ks).items():
                 sums[k] += v
