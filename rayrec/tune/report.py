@@ -20,14 +20,12 @@ def _hp_value(v: Any):
 
 
 def write_trial_hparams(cfg: Config, sampled: dict[str, Any], metric: str) -> None:
-    """HParams session for one trial in its own TensorBoard folder, written when the trial starts.
+    """HParams session for one trial in its own TensorBoard folder, written when the trial first starts.
 
     TensorBoard reads a session's metric values from the scalars of the same folder (``epoch/val_*``,
     written by rank 0 every validation pass), so a trial that ASHA stops early still shows up in the
     HParams dashboard with its last values.
     """
-    if cfg.resume:  # the session was written when the trial first started
-        return
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 

@@ -72,9 +72,12 @@ def run_trial(sampled: dict[str, Any], base: dict[str, Any], exp_dir: str) -> No
 
     metric = tune_metric(config_from_dict(base))
     cfg = trial_config(base, sampled, exp_dir, tune.get_context().get_trial_name())  # a bad combination fails here, alone
-    # a restored trial finds its own checkpoints: continue it instead of starting over
-    cfg.resume = cfg.run_dir.exists() and any(p.name.startswith("checkpoint_") for p in cfg.run_dir.iterdir())
-    write_trial_hparams(cfg, sampled, metric)
+    first_start = not (cfg.run_dir / "tensorboard").exists()
+    if first_start:
+        write_trial_hparams(cfg, sampled, metric)
+    # the trial folder is the sweep's own: its HParams session, and the checkpoints of an attempt that
+    # was interrupted, which a restored trial continues (with none, the trial starts from scratch)
+    cfg.resume = True
     fit(cfg, callbacks=[_report_callback(metric)])
 
 
