@@ -8,6 +8,11 @@ DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "OMP_NUM_THREADS": "1",
+    # the V2 Parquet reader starts a FooterReader actor pool for every read: seconds of CPU per
+    # run or Tune trial on small nodes, for footer statistics rayrec never pushes predicates into
+    "RAY_DATA_USE_DATASOURCE_V2": "0",
+    # Train's Prometheus metric callbacks cost CPU in every trial; export them with =1 when scraped
+    "RAY_TRAIN_METRICS_ENABLED": "0",
 }
 
 

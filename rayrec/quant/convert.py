@@ -34,6 +34,25 @@ def int8_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
+def vnni_available() -> bool:
+    """Without VNNI (AVX2-only x86), oneDNN's uint8 x int8 kernel sums pairs of products in int16
+    (vpmaddubsw) and saturates on full-range 8-bit operands: its results are then wrong, not slow."""
+    check = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(check()) if check is not None else True
+
+
+_warned_no_vnni = False
+
+
+def _warn_no_vnni() -> None:
+    global _warned_no_vnni
+    if not _warned_no_vnni:
+        warnings.warn("this CPU has no VNNI: oneDNN's INT8 kernel would saturate on 8-bit operands, so INT8 "
+                      "layers run the same integer arithmetic exactly in fp32 (correct results, no INT8 speed-up)",
+                      RuntimeWarning, stacklevel=3)
+        _warned_no_vnni = True
+
+
 class Int8Linear(nn.Module):
     """y = x W^T + b with x quantized to uint8 on a fixed grid and W stored as per-row int8."""
 
@@ -44,7 +63,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("w_scale", w_scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         self.register_buffer("w_zero", torch.zeros(self.out_features, dtype=torch.long), persistent=False)
-        self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(self.qweight, None), persistent=False)
+        self.kernel = vnni_available()
+        if self.kernel:
+            self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(self.qweight, None), persistent=False)
+        else:
+            _warn_no_vnni()
+            # integers |q| <= 255 * 128 summed in fp32 stay exact up to 2^24 (in_features <= 514)
+            self.register_buffer("wq_t", self.qweight.float().T.contiguous(), persistent=False)
         self.act = act
         # the clamp costs a pass over x: skip it when the grid already spans uint8 [0, 255]
         q_lo, q_hi = round(act.lo / act.scale) + act.zero_point, round(act.hi / act.scale) + act.zero_point
@@ -56,6 +81,10 @@ class Int8Linear(nn.Module):
         if self.clip:
             x2 = x2.clamp(self.act.lo, self.act.hi)
         xq = torch.quantize_per_tensor(x2.contiguous(), self.act.scale, self.act.zero_point, torch.quint8).int_repr()
+        if not self.kernel:
+            y = ((xq.float() - self.act.zero_point) @ self.wq_t) * (self.act.scale * self.w_scale)
+            y = y if self.bias is None else y + self.bias
+            return y.reshape(*shape[:-1], self.out_features)
         y = torch.ops.onednn.qlinear_pointwise(xq, self.act.scale, self.act.zero_point, self.packed, self.w_scale,
                                                self.w_zero, self.bias, 1.0, 0, torch.float32, "none", [], "")
         return y.reshape(*shape[:-1], self.out_features)
