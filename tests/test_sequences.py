@@ -78,6 +78,10 @@ def test_cache_hit_and_rebuild_on_new_config(ray_cluster, tmp_path):
     c = build_sequences(DataConfig(log=log, eval_negatives=3))
     assert a.root == b.root != c.root
     assert b.meta["timings"] == a.meta["timings"]  # read back, not rebuilt
+    # a forced rebuild into the same folder replaces the earlier files (Ray's writer only adds)
+    d = build_sequences(DataConfig(log=log, eval_negatives=2), force=True)
+    assert d.root == a.root and d.meta["timings"] != a.meta["timings"]
+    assert pq.read_table(d.sequences_path).num_rows == d.meta["users_out"] == 5
 
 
 @pytest.mark.parametrize("case", ["too_few_items", "null_item", "missing_col", "float_ts", "empty", "not_parquet", "missing_file", "text_rating"])
