@@ -150,6 +150,28 @@ def test_multi_step_evaluation_ranks_by_list_position():
     assert list_ranks(recs, torch.tensor([7, 9])).tolist() == [2, MISS]
 
 
+def test_multi_step_validation_evaluates_the_validation_users():
+    # a time split holds out different users for val and test: each stage scores its own users
+    import numpy as np
+
+    from rayrec.config import EvalConfig
+    from rayrec.data.batches import SequenceStore
+    from rayrec.eval.multistep import evaluate_multistep
+
+    rng = np.random.default_rng(0)
+    lengths = np.array([6, 6, 6, 6, 6])
+    store = SequenceStore(user_idx=np.arange(1, 6), offsets=np.r_[0, np.cumsum(lengths)],
+                          items=rng.integers(1, N + 1, lengths.sum()).astype(np.int32),
+                          timestamps=np.arange(lengths.sum()), eval_negatives=None, num_items=N,
+                          train_len=np.array([4, 4, 5, 5, 5]), val_pos=np.array([4, 4, -1, -1, -1]),
+                          test_pos=np.array([-1, 5, 5, 5, -1]))
+    ev = EvalConfig(ks=[5], diffusion_inference="multi", diffusion_k=5)
+    m = model()
+    val = evaluate_multistep(m, store, ev, T, "val", torch.device("cpu"))
+    test = evaluate_multistep(m, store, ev, T, "test", torch.device("cpu"))
+    assert val["val_users"] == 2 and test["test_users"] == 3
+
+
 @pytest.mark.parametrize("override, message", [
     (["model.head=masked_diffusion"], "set model.attention=bidirectional"),
     (["model.attention=bidirectional"], "not for next-item heads"),

@@ -41,7 +41,7 @@ def evaluate_multistep(model, store: SequenceStore, cfg: EvalConfig, max_len: in
     sums = {f"{m}_{k}": 0.0 for m in ("ndcg", "hr", "mrr") for k in cfg.ks}
     n_items = store.num_items
     listed = torch.zeros(n_items + 1, dtype=torch.float64, device=device)
-    users = store.eval_users()
+    users = store.eval_users(stage)  # the time split holds out different users for val and test
     for lo in range(0, len(users), cfg.batch_size):
         b = eval_batch(store, users[lo: lo + cfg.batch_size], max_len, stage)
         items = torch.from_numpy(b["items"]).long().to(device)
