@@ -58,11 +58,20 @@ def _join(base: str, *parts: str) -> str:
 
 
 def cache_root(cfg: DataConfig, fs: pafs.FileSystem, log_path: str) -> str:
+    """``data.cache_dir``, or ``_rayrec_cache`` next to the log. A remote log keeps its URL scheme:
+    ``log_path`` is scheme-less (``bucket/key``), and Ray's writers and readers would take it for
+    a local path."""
     if cfg.cache_dir:
         return cfg.cache_dir
-    info = fs.get_file_info(log_path)
-    parent = log_path if info.type == pafs.FileType.Directory else log_path.rsplit("/", 1)[0]
-    return _join(parent, "_rayrec_cache")
+    is_dir = fs.get_file_info(log_path).type == pafs.FileType.Directory
+    if "://" not in cfg.log:
+        return _join(log_path if is_dir else log_path.rsplit("/", 1)[0], "_rayrec_cache")
+    if "?" in cfg.log:
+        raise DataError(f"data.log={cfg.log!r} carries URL options, which cannot be passed on to the cache "
+                        "folder next to it: set data.cache_dir, or configure the store through environment "
+                        "variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)")
+    base = cfg.log.rstrip("/")
+    return _join(base if is_dir else base.rsplit("/", 1)[0], "_rayrec_cache")
 
 
 def _hash_users(user: pa.Array, buckets: int) -> np.ndarray:
