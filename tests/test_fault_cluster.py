@@ -178,3 +178,70 @@ def test_submit_refuses_a_non_loopback_job_api_without_token_auth(monkeypatch):
         check_address("http://10.0.0.5:8265")
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     assert check_address("http://10.0.0.5:8265")
+
+
+def _node_loss(mode, synthetic_log, tmp_path, ray_tmp, timeout, **env):
+    """Run tests/node_loss_run.py MODE in its own process group; its result JSON, stdout and wall time."""
+    result = tmp_path / "result.json"
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "node_loss_run.py"), mode, synthetic_log,
+                             str(tmp_path / "out"), str(result)], env=_env(ray_tmp, **env), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out = proc.stdout.read()
+        pytest.fail(f"{mode}: no result within {timeout} s\n{out[-6000:]}")
+    finally:
+        _kill_group(proc)  # the cluster's raylets and workers, if the driver left any behind
+    wall = time.monotonic() - t0
+    assert result.exists(), f"{mode}: the driver wrote no result (rc {proc.returncode})\n{out[-6000:]}"
+    return json.loads(result.read_text()), out, wall
+
+
+def _since_removal(events):
+    t = dict(events["timeline"])
+    removed = next(v for k, v in t.items() if k.startswith("node removed"))
+    return t["fit returned"] - removed
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_node_lost_for_good_fails_fast_with_a_capacity_error(synthetic_log, tmp_path, ray_tmp):
+    # one start attempt after the loss, 5 s for the placement group: the default (10 x 60 s) waits minutes
+    events, out, wall = _node_loss("no_capacity", synthetic_log, tmp_path, ray_tmp, timeout=200,
+                                   RAYREC_CAPACITY_RETRIES="1", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="5")
+    assert events.get("ok") is False and events["error_type"] == "CapacityError", (events, out[-6000:])
+    err = events["error"]
+    for needed in ("2 workers x 0.9 CPU = 1.8 CPUs", "the cluster now has 1 CPUs on 1 alive node",
+                   "2 start attempt(s) of 5 s", "add nodes", "scale.num_workers", "RAYREC_AUTOSCALING=1",
+                   "resume=true"):
+        assert needed in err, (needed, err)
+    assert _since_removal(events) < 60, events["timeline"]
+    assert ckpt.latest(tmp_path / "out" / "nodeloss") is not None  # what was written before the loss is kept
+    print(f"no_capacity: {wall:.0f} s in all, failed {_since_removal(events):.0f} s after the node was removed")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_node_lost_then_capacity_returns_resumes_from_the_newest_valid_checkpoint(synthetic_log, tmp_path, ray_tmp):
+    events, out, wall = _node_loss("recover", synthetic_log, tmp_path, ray_tmp, timeout=260,
+                                   RAYREC_CAPACITY_RETRIES="3", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20")
+    assert events.get("ok") is True, (events, out[-8000:])
+    assert events["epoch"] == 8
+    run = tmp_path / "out" / "nodeloss"
+    # resumed exactly once, from a real checkpoint written before the loss: never the newer folders that
+    # do not verify (99: no manifest, 98: truncated weights) nor the complete copies named .partial (96, 97)
+    (resumed,) = events["resumed_at_epochs"]
+    assert events["removed_after"] <= events["newest_valid"] == resumed < 8, events
+    assert f"{ckpt.dir_name(99)}: no {ckpt.MANIFEST}" in out
+    assert f"{ckpt.dir_name(98)}: {ckpt.MODEL} has" in out
+    resumed_from = {line.split("resumed from ")[1].split()[0] for line in out.splitlines() if "resumed from " in line}
+    assert resumed_from == {str(run / ckpt.dir_name(resumed))}, resumed_from  # both ranks, one folder, no .partial
+    assert ckpt.verify(run / ckpt.dir_name(8, final=True))
+    assert (run / f"{ckpt.dir_name(96)}.partial").is_dir()  # left alone, never a candidate
+    print(f"recover: {wall:.0f} s in all, resumed at epoch {resumed}, done {_since_removal(events):.0f} s after "
+          "the node was removed")

@@ -4,6 +4,7 @@ import ast
 import json
 import logging
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,16 @@ def test_partial_folder_from_an_interrupted_copy_is_never_chosen(tmp_path):
     assert ckpt.latest(tmp_path) == str(good)
     (good / ckpt.MODEL).write_bytes(b"")  # nothing valid left: no silent fresh start from garbage
     assert ckpt.latest(tmp_path) is None
+
+
+def test_a_complete_copy_not_yet_renamed_into_place_is_never_a_candidate(tmp_path):
+    good = _save(tmp_path / ckpt.dir_name(1), 1)
+    final = _save(tmp_path / ckpt.dir_name(1, final=True), 1)
+    for name in (f"{ckpt.dir_name(5)}.partial", f".{ckpt.dir_name(6)}.partial", f".{ckpt.dir_name(7)}.old",
+                 f"{ckpt.dir_name(8)}_copy"):
+        shutil.copytree(good, tmp_path / name)  # every file verifies: only the name says it is unfinished
+    assert ckpt.candidates(tmp_path) == [final, good]
+    assert ckpt.latest(tmp_path) == str(final)
 
 
 def test_persist_never_leaves_a_half_copied_checkpoint(tmp_path):

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterable
@@ -155,12 +156,19 @@ def dir_name(epoch: int, final: bool = False) -> str:
     return f"checkpoint_{epoch:06d}{'_final' if final else ''}"
 
 
+_NAME = re.compile(r"checkpoint_\d+(_final)?")
+
+
 def candidates(run_dir: str | Path) -> list[Path]:
-    """Checkpoint folders of a run folder, newest first (by name: ``dir_name`` sorts in training order)."""
+    """Checkpoint folders of a run folder, newest first (by name: ``dir_name`` sorts in training order).
+
+    Only names ``dir_name`` makes count: a copy still being written or never renamed into place
+    (``checkpoint_000012.partial``, ``.checkpoint_000012.partial``, ``.old``) is never a candidate,
+    even when its files happen to verify."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    return sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), reverse=True)
+    return sorted((p for p in run_dir.glob("checkpoint_*") if _NAME.fullmatch(p.name) and p.is_dir()), reverse=True)
 
 
 def newest_valid(folders: Iterable[str | Path]) -> str | None:

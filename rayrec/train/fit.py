@@ -18,6 +18,22 @@ from rayrec.train.stages import chain_sft, check_init_from
 log = logging.getLogger("rayrec.train")
 
 
+class CapacityError(RuntimeError):
+    """The cluster lacks the CPUs/GPUs for the worker group (a node was lost and did not come back);
+    the message names what the workers need, what the cluster has, and the ways out."""
+
+
+def capacity_retries() -> int:
+    """How many worker-group starts Ray Train tries after the first one times out (-1: forever).
+
+    Each try waits ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (Ray's default 60 s) for the
+    placement group; with ``RAYREC_AUTOSCALING=1`` an autoscaler is expected to add nodes, so
+    the wait is unbounded."""
+    if os.environ.get("RAYREC_AUTOSCALING") == "1":
+        return -1
+    return int(os.environ.get("RAYREC_CAPACITY_RETRIES", "10"))
+
+
 @dataclass
 class FitResult:
     metrics: dict[str, Any]  # the final report: best val_* and test_* of the best-on-validation weights
@@ -69,8 +85,7 @@ def trainer_for(cfg: Config, data: SequenceData, callbacks: list | None = None):
             name=cfg.name, storage_path=storage, callbacks=callbacks,
             # without capacity (a lost node) Ray retries the worker-group start forever, one try per
             # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s): bound that, unless an autoscaler is expected
-            failure_config=FailureConfig(max_failures=s.max_failures, controller_failure_limit=(
-                -1 if os.environ.get("RAYREC_AUTOSCALING") == "1" else int(os.environ.get("RAYREC_CAPACITY_RETRIES", "10")))),
+            failure_config=FailureConfig(max_failures=s.max_failures, controller_failure_limit=capacity_retries()),
             checkpoint_config=CheckpointConfig(num_to_keep=3),
         ),
     )
@@ -93,6 +108,35 @@ def _check_resources(cfg: Config) -> None:
         raise ConfigError(f"scale.use_gpu with {s.num_workers} workers but the cluster has {total.get('GPU', 0):g} GPUs")
 
 
+def _capacity_error(cfg: Config, error: BaseException) -> CapacityError | None:
+    """A ``CapacityError`` when ``error`` is Ray Train giving up on starting the worker group, else None."""
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import InsufficientClusterResourcesError, WorkerGroupStartupTimeoutError
+
+    cause = getattr(error, "controller_failure", None) if isinstance(error, ControllerError) else None
+    if not isinstance(cause, (WorkerGroupStartupTimeoutError, InsufficientClusterResourcesError)):
+        return None
+    import ray
+
+    s = cfg.scale
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    have = sum(n.get("Resources", {}).get("CPU", 0) for n in nodes)
+    per_node = sorted((n.get("Resources", {}).get("CPU", 0) for n in nodes), reverse=True)
+    want = f"{s.num_workers} workers x {s.cpus_per_worker:g} CPU = {s.num_workers * s.cpus_per_worker:g} CPUs"
+    if s.use_gpu:
+        want += f" and {s.num_workers} GPUs (cluster: {sum(n.get('Resources', {}).get('GPU', 0) for n in nodes):g})"
+    tries = capacity_retries() + 1
+    timeout = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    return CapacityError(
+        f"not enough cluster resources to (re)start the training workers: they need {want}, but the cluster now "
+        f"has {have:g} CPUs on {len(nodes)} alive node(s) (CPUs per node: {', '.join(f'{c:g}' for c in per_node)}); "
+        f"Ray Train gave up after {tries} start attempt(s) of {timeout} s each (a node was lost and did not come "
+        "back?). Fix: add nodes, lower scale.num_workers or scale.cpus_per_worker (fractions are fine), or set "
+        "RAYREC_AUTOSCALING=1 on a cluster with an autoscaler; RAYREC_CAPACITY_RETRIES (now "
+        f"{capacity_retries()}) and RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S bound the wait. Checkpoints written so "
+        f"far are kept: rerun with resume=true. Ray's error: {cause}")
+
+
 def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
     """Train one config; ``callbacks`` are Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
     _check_run_dir(cfg)  # before starting Ray: a refused run costs nothing
@@ -104,9 +148,15 @@ def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     (run_dir / "data_meta.json").write_text(json.dumps(data.meta, indent=2, default=str))
-    result = trainer_for(cfg, data, callbacks=callbacks).fit()
-    if result.error:
-        raise result.error
+    try:
+        result = trainer_for(cfg, data, callbacks=callbacks).fit()
+        if result.error:
+            raise result.error
+    except Exception as e:
+        capacity = _capacity_error(cfg, e)
+        if capacity is None:
+            raise
+        raise capacity from e
     metrics = dict(result.metrics or {})
     ck = result.checkpoint.path if result.checkpoint else None
     (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
