@@ -68,7 +68,9 @@ def trainer_for(cfg: Config, data: SequenceData, callbacks: list | None = None):
     backend = s.backend if s.backend != "auto" else ("nccl" if s.use_gpu else "gloo")
     # materialised on the driver: workers then only fetch blocks, so feeding them needs no free CPU
     # (a 2-CPU node fully given to workers otherwise hangs waiting for read tasks; RAY_NOTES.md)
-    ds = ray.data.read_parquet(data.sequences_path).materialize()
+    # the read tasks ask for no CPU: in a Tune sweep the trials' actors and placement groups can hold
+    # every CPU, and a 1-CPU read task then waits forever (seen as a hung ASHA sweep on 2 CPUs)
+    ds = ray.data.read_parquet(data.sequences_path, ray_remote_args={"num_cpus": 0}).materialize()
     storage = s.storage_path or str(cfg.run_dir.parent)
     return TorchTrainer(
         train_loop,
