@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 DEFAULTS = {
     "RAY_TRAIN_V2_ENABLED": "1",
@@ -34,3 +35,39 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs) 
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def start_local_ray(**kwargs) -> str:
+    """Start a new local Ray whose own processes know its address; returns that address.
+
+    Ray code running inside the cluster sometimes finds "its" cluster by scanning the machine for GCS
+    processes (Ray Train's placement-group cleaner does, through the State API). With a second Ray on
+    the machine (another user's, a test session's) that lookup fails ("Found multiple active Ray
+    instances") or picks the wrong cluster; the cleaner then never frees the CPUs of a trial that
+    Tune stopped, and a sweep waits forever. So the GCS port is chosen here and every worker of this
+    job gets ``RAY_ADDRESS`` pointing at it.
+    """
+    set_env()
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    port = _free_port()
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "RAY_ADDRESS": address}
+    before = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the head node Ray starts in this process
+    try:
+        ray.init(address="local", runtime_env=runtime_env, **kwargs)
+    finally:
+        if before is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = before
+    return address
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]

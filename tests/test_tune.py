@@ -93,8 +93,67 @@ def test_tune_section_checks_name_the_fix():
 # a 4-trial ASHA sweep and everything it leaves behind
 
 
+CLEANER_PROBE = """
+import ray
+from ray.train.v2._internal.state.util import is_actor_alive
+from rayrec.ray_env import start_local_ray
+
+start_local_ray(num_cpus=1, include_dashboard=True)
+
+@ray.remote(num_cpus=0)
+class Idle:
+    def ping(self):
+        return 1
+
+@ray.remote(num_cpus=0)
+def alive(actor_id):  # what Ray Train's placement-group cleaner asks, from a worker of the cluster
+    return is_actor_alive(actor_id, timeout=30)
+
+a = Idle.remote()
+ray.get(a.ping.remote())
+aid = a._actor_id.hex()
+before = ray.get(alive.remote(aid))
+ray.kill(a)
+import time
+deadline = time.time() + 30
+while ray.get(alive.remote(aid)) and time.time() < deadline:
+    time.sleep(0.5)
+print("RESULT", before, ray.get(alive.remote(aid)))
+ray.shutdown()
+"""
+
+
+def test_a_local_sweep_cluster_finds_itself_beside_another_ray(ray_cluster, tmp_path):
+    # the test session's Ray is a second instance on this machine: Ray Train's placement-group cleaner
+    # used to fail here ("Found multiple active Ray instances") and leak the CPUs of stopped trials
+    script = tmp_path / "probe.py"
+    script.write_text(CLEANER_PROBE)
+    proc = run_job([str(script)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RESULT True False" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_concurrency_leaves_a_cpu_for_each_starting_trials_data_read(monkeypatch, caplog):
+    import ray
+
+    from rayrec.tune.sweep import _check_capacity
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    cfg = load_config(None, ["scale.num_workers=1", "scale.cpus_per_worker=0.9", "tune.max_concurrent_trials=8"])
+    _check_capacity(cfg)  # 1 trial = 1.0 CPU; with 3 running, a 4th starting one would find 0.9 < 1 free
+    assert cfg.tune.max_concurrent_trials == 3
+    assert "tune.max_concurrent_trials 8 -> 3" in caplog.text
+    cfg = load_config(None, ["scale.num_workers=1", "scale.cpus_per_worker=0.5", "tune.max_concurrent_trials=2"])
+    _check_capacity(cfg)
+    assert cfg.tune.max_concurrent_trials == 2  # the tests' own sweep: 2 - 0.6 - 0.1 = 1.3 free, untouched
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
+    with pytest.raises(ConfigError, match="1 free CPU for its Ray Data read"):
+        _check_capacity(load_config(None, ["scale.num_workers=1", "scale.cpus_per_worker=0.5"]))
+
+
 @pytest.fixture(scope="module")
-def asha_sweep(synthetic_log, tmp_path_factory):
+def asha_sweep(ray_cluster, synthetic_log, tmp_path_factory):
+    # ray_cluster: the session's Ray stays up beside the sweep's, the condition CI runs it in
     tmp = tmp_path_factory.mktemp("asha")
     # 1e-5 and 1e-4 barely move in 4 epochs: ASHA (grace 1 validation pass) must stop them
     cfg = write_config(tmp, synthetic_log, "asha", {

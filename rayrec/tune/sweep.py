@@ -107,6 +107,17 @@ def _check_capacity(cfg: Config) -> None:
         raise ConfigError(f"one trial asks tune.trial_cpus {t.trial_cpus} + scale.num_workers {s.num_workers} x "
                           f"scale.cpus_per_worker {s.cpus_per_worker} = {one:g} CPUs but the cluster has {have:g}; "
                           "lower scale.cpus_per_worker (fractions are fine)")
+    # a starting trial reads its sequences with Ray Data, whose Parquet sampling tasks take 1 whole CPU:
+    # the running trials must leave that free, or the new trial waits for it forever
+    fits = int((have - t.trial_cpus - 1.0 + 1e-9) // one) + 1 if have - t.trial_cpus >= 1.0 - 1e-9 else 0
+    if fits < 1:
+        raise ConfigError(f"a starting trial needs tune.trial_cpus {t.trial_cpus} + 1 free CPU for its Ray Data read, "
+                          f"but the cluster has {have:g} CPUs; add CPUs or lower tune.trial_cpus")
+    if t.max_concurrent_trials > fits:
+        log.warning("tune.max_concurrent_trials %d -> %d: %d running trials x %g CPUs would leave less than the 1 CPU "
+                    "a starting trial's Ray Data read needs (cluster: %g CPUs)", t.max_concurrent_trials, fits,
+                    t.max_concurrent_trials - 1, one, have)
+        t.max_concurrent_trials = fits
 
 
 def _tuner_config(cfg: Config, params: list[Param]):
@@ -142,17 +153,15 @@ def _run_config(cfg: Config, exp_dir: Path):
 def _init_ray() -> None:
     import ray
 
-    from rayrec.ray_env import init_ray, set_env
+    from rayrec.ray_env import init_ray, start_local_ray
 
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
         init_ray()
         return
-    set_env()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # with the dashboard: Ray Train's placement-group cleaner asks the State API (served by the
     # dashboard) whether a trial's controller is gone; without it, the workers' CPUs of a trial that
     # ASHA stopped stay reserved and later trials wait for them forever
-    ray.init(include_dashboard=True)
+    start_local_ray(include_dashboard=True)
 
 
 def _prepare(cfg: Config) -> None:
