@@ -1,9 +1,9 @@
 """Sequence build at scale: a generated log of many Parquet files through the Ray Data build, next to a
 single-process pyarrow build of the same sequences, with peak memory of the whole process tree.
 
-    python bench/data_scale.py --rows 10000000 --files 40 --out /tmp/rayrec_data_scale
+    python bench/data.py --rows 10000000 100000000 --files 100 --users 2000000 --items 200000
 
-Writes bench/results/data_scale.json (format in DESIGN.md) and prints a table. The log is generated in
+Writes bench/results/data.json (format in DESIGN.md) and prints a table. The log is generated in
 chunks (never whole in memory), with a Zipf user law so a few users hold a large share of rows
 (the skew case), and is kept in --out between runs (delete it to regenerate).
 """
@@ -52,39 +52,53 @@ def generate(out: Path, rows: int, files: int, users: int, items: int, seed: int
 
 
 class TreePeak:
-    """Peak summed RSS of this process and every descendant (Ray's raylet and workers), from /proc."""
+    """Peak memory of this process and every descendant (Ray's raylet, object store and workers), from /proc.
 
-    def __init__(self, every: float = 0.2):
-        self.every, self.peak, self._stop = every, 0, threading.Event()
+    ``peak`` sums PSS: a page shared by several processes (the object store's shared memory, mapped
+    by every worker that reads a block) counts once, split between them. ``peak_rss`` sums RSS, which
+    counts such a page once per process that touched it: an over-count, kept for comparison.
+    """
+
+    def __init__(self, every: float = 0.5):
+        self.every, self.peak, self.peak_rss, self._stop = every, 0, 0, threading.Event()
 
     @staticmethod
-    def _tree_rss() -> int:
+    def _tree() -> tuple[int, int]:
         kids: dict[int, list[int]] = {}
-        rss: dict[int, int] = {}
         for d in os.listdir("/proc"):
             if not d.isdigit():
                 continue
             try:
                 with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{d}/statm") as f:
-                    rss[int(d)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-                kids.setdefault(ppid, []).append(int(d))
+                    kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(d))
             except (OSError, IndexError, ValueError):
                 continue
-        total, todo = 0, [os.getpid()]
+        pss = rss = 0
+        todo = [os.getpid()]
         while todo:
             p = todo.pop()
-            total += rss.get(p, 0)
             todo += kids.get(p, [])
-        return total
+            try:
+                with open(f"/proc/{p}/smaps_rollup") as f:
+                    for line in f:
+                        if line.startswith("Pss:"):
+                            pss += int(line.split()[1]) * 1024
+                        elif line.startswith("Rss:"):
+                            rss += int(line.split()[1]) * 1024
+            except OSError:  # exited meanwhile
+                continue
+        return pss, rss
+
+    def _sample(self):
+        pss, rss = self._tree()
+        self.peak, self.peak_rss = max(self.peak, pss), max(self.peak_rss, rss)
 
     def _run(self):
         while not self._stop.wait(self.every):
-            self.peak = max(self.peak, self._tree_rss())
+            self._sample()
 
     def __enter__(self):
-        self.peak = self._tree_rss()
+        self._sample()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
         return self
@@ -134,7 +148,7 @@ def ray_build(log: Path, cache: Path, buckets: int) -> tuple[dict, float, int]:
     vocab = pq.read_table(f"{data.root}/vocab/items.parquet")["item_id"].to_numpy()
     items = t["items"].combine_chunks()
     raw = pa.ListArray.from_arrays(items.offsets, pa.array(np.r_[0, vocab][items.flatten().to_numpy()]))
-    return {"users": t["user_id"].combine_chunks(), "items": raw, "meta": data.meta}, wall, peak.peak
+    return {"users": t["user_id"].combine_chunks(), "items": raw, "meta": data.meta}, wall, peak
 
 
 def main() -> None:
@@ -146,7 +160,7 @@ def main() -> None:
     ap.add_argument("--buckets", type=int, default=0, help="0 = from the data size")
     ap.add_argument("--out", default="/tmp/rayrec_data_scale")
     ap.add_argument("--num-cpus", type=int, default=2)
-    ap.add_argument("--result", default=str(ROOT / "bench/results/data_scale.json"))
+    ap.add_argument("--result", default=str(ROOT / "bench/results/data.json"))
     a = ap.parse_args()
 
     from rayrec.ray_env import init_ray
@@ -167,23 +181,24 @@ def main() -> None:
         row = {"rows": n, "files": a.files, "buckets": r["meta"]["buckets"], "users": r["meta"]["users_out"],
                "ray_s": round(ray_s, 2), "ray_rows_per_s": round(n / ray_s), "pyarrow_s": round(pa_s, 2),
                "pyarrow_rows_per_s": round(n / pa_s), "ray_vs_pyarrow": round(pa_s / ray_s, 3),
-               "peak_mem_gib": round(ray_peak / 2**30, 2), "identical": same,
+               "peak_mem_gib": round(ray_peak.peak / 2**30, 2),
+               "peak_rss_sum_gib": round(ray_peak.peak_rss / 2**30, 2), "identical": same,
                "ray_timings": r["meta"]["timings"]}
         table.append(row)
         metrics.update({f"ray_rows_per_s_{tag}": row["ray_rows_per_s"], f"pyarrow_rows_per_s_{tag}": row["pyarrow_rows_per_s"],
                         f"ray_vs_pyarrow_{tag}": row["ray_vs_pyarrow"], f"ray_s_{tag}": row["ray_s"],
-                        f"peak_mem_gib_{tag}": row["peak_mem_gib"]})
+                        f"peak_mem_gib_{tag}": row["peak_mem_gib"], f"peak_rss_sum_gib_{tag}": row["peak_rss_sum_gib"]})
         if not same:
             raise SystemExit(f"Ray and pyarrow sequences differ at {n} rows")
     cols = ["rows", "files", "buckets", "users", "ray_s", "ray_rows_per_s", "pyarrow_s", "pyarrow_rows_per_s",
-            "ray_vs_pyarrow", "peak_mem_gib", "identical"]
+            "ray_vs_pyarrow", "peak_mem_gib", "peak_rss_sum_gib", "identical"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in table:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.processor())
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    result = {"name": "data_scale", "script": "bench/data_scale.py",
-              "command": "python bench/data_scale.py " + " ".join(f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(map(str, v))}"
+    result = {"name": "data", "script": "bench/data.py",
+              "command": "python bench/data.py " + " ".join(f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ' '.join(map(str, v))}"
                                                                   for k, v in vars(a).items() if k not in ("out", "result")),
               "commit": commit, "date": time.strftime("%Y-%m-%d"), "hardware": f"{os.cpu_count()}-core {cpu}, no GPU",
               "dataset": "generated (Zipf users 0.9, items 1.05)", "config": vars(a) | {"result": None},
