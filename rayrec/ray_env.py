@@ -33,8 +33,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs) 
     if address:
         ray.init(address=address, **kwargs)
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        start_local_ray(num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 
 def start_local_ray(**kwargs) -> str:
@@ -55,6 +54,8 @@ def start_local_ray(**kwargs) -> str:
     address = f"{ray.util.get_node_ip_address()}:{port}"
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "RAY_ADDRESS": address}
+    if not kwargs.get("include_dashboard", True) and "worker_process_setup_hook" not in runtime_env:
+        runtime_env["worker_process_setup_hook"] = quiet_pg_cleaner
     before = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the head node Ray starts in this process
     try:
@@ -71,3 +72,22 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+class _NoStateApiNoise:
+    """Drops the placement-group cleaner's "State API unavailable" warning (logging filter)."""
+
+    def filter(self, record) -> bool:
+        return "Failed to query Ray Train Controller actor state" not in record.getMessage()
+
+
+def quiet_pg_cleaner() -> None:
+    """Worker set-up hook for a local Ray without the dashboard.
+
+    Ray Train's placement-group cleaner asks the State API, which the dashboard serves, whether the
+    controller is alive; with no dashboard it warns once a second for the whole run. A local run's
+    placement groups go with the driver anyway, so the warning is only noise.
+    """
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(_NoStateApiNoise())
