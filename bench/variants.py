@@ -10,6 +10,7 @@ bench/results/variants.json (one entry per variant, replaced when re-run) and pr
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, write_result  # noqa: E402
+from bench.common import RESULTS, commit, hardware, write_result  # noqa: E402
 from bench.quality import run_quality  # noqa: E402
 
 # (config stem, dataset label); the same hidden size, depth, max_len, batch, lr and epoch budget
@@ -60,6 +61,8 @@ def main(argv=None) -> None:
             continue
         r = run_quality(f"configs/{stem}.yaml", stem, a.overrides, dataset)
         r["params"] = _params(r["config"])
+        # rows accumulate over sessions and machines: each keeps its own provenance
+        r.update(commit=commit(), date=dt.date.today().isoformat(), hardware=hardware())
         runs[stem] = r
         _write(runs)  # after every variant: a long sweep loses nothing when stopped
     print(table(_ordered(runs)))
