@@ -69,7 +69,7 @@ def trainer_for(cfg: Config, data: SequenceData, callbacks: list | None = None):
     # materialised on the driver: workers then only fetch blocks, so feeding them needs no free CPU
     # (a 2-CPU node fully given to workers otherwise hangs waiting for read tasks; RAY_NOTES.md)
     # the read tasks ask for no CPU: in a Tune sweep the trials' actors and placement groups can hold
-    # every CPU, and a 1-CPU read task then waits forever (seen as a hung ASHA sweep on 2 CPUs)
+    # every CPU (Parquet sampling still takes 1 CPU: tune/sweep.py caps concurrency for it)
     ds = ray.data.read_parquet(data.sequences_path, num_cpus=0).materialize()
     storage = s.storage_path or str(cfg.run_dir.parent)
     return TorchTrainer(

@@ -109,10 +109,11 @@ def _check_capacity(cfg: Config) -> None:
                           "lower scale.cpus_per_worker (fractions are fine)")
     # a starting trial reads its sequences with Ray Data, whose Parquet sampling tasks take 1 whole CPU:
     # the running trials must leave that free, or the new trial waits for it forever
-    fits = int((have - t.trial_cpus - 1.0 + 1e-9) // one) + 1 if have - t.trial_cpus >= 1.0 - 1e-9 else 0
-    if fits < 1:
+    spare = have - t.trial_cpus - 1.0  # what the running trials may hold while one more starts
+    if spare < -1e-9:
         raise ConfigError(f"a starting trial needs tune.trial_cpus {t.trial_cpus} + 1 free CPU for its Ray Data read, "
                           f"but the cluster has {have:g} CPUs; add CPUs or lower tune.trial_cpus")
+    fits = 1 + int((spare + 1e-9) // one)
     if t.max_concurrent_trials > fits:
         log.warning("tune.max_concurrent_trials %d -> %d: %d running trials x %g CPUs would leave less than the 1 CPU "
                     "a starting trial's Ray Data read needs (cluster: %g CPUs)", t.max_concurrent_trials, fits,
