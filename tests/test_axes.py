@@ -109,6 +109,30 @@ def test_left_padding_does_not_change_outputs(combo):
     assert (h2[:, :5] == 0).all()
 
 
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(c))
+def test_trimmed_evaluation_windows_score_like_full_windows(combo):
+    import numpy as np
+
+    from rayrec.data.batches import SequenceStore, eval_batch
+    from rayrec.eval.evaluate import score_batch
+
+    max_len = T + 5
+    m = _model(combo, max_len=max_len).eval()
+    g = np.random.default_rng(1)
+    for lengths in ([3, 7, 5, 9], [1, 4, 20, 2]):  # trimmed to 10 columns; one history longer than max_len
+        offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+        store = SequenceStore(user_idx=np.arange(1, 5), offsets=offsets,
+                              items=g.integers(1, N + 1, offsets[-1]).astype(np.int32),
+                              timestamps=np.cumsum(g.integers(0, 500, offsets[-1])).astype(np.int64),
+                              eval_negatives=None, num_items=N)
+        rows = np.arange(4)
+        short = eval_batch(store, rows, max_len, "next", trim=True)
+        assert short["items"].shape[1] == min(max_len, max(lengths) + 1)
+        full = eval_batch(store, rows, max_len, "next")
+        cpu = torch.device("cpu")
+        torch.testing.assert_close(score_batch(m, short, cpu), score_batch(m, full, cpu), atol=1e-5, rtol=1e-5)
+
+
 # ---- "off" values equal the baseline -------------------------------------------------------------
 
 def test_gbce_with_t0_equals_bce():

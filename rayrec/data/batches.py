@@ -123,11 +123,16 @@ def gather_windows(flat: np.ndarray, start: np.ndarray, end: np.ndarray, max_len
     return out
 
 
-def train_batch(store: SequenceStore, rows: np.ndarray, max_len: int, ratings: bool = False) -> dict[str, np.ndarray]:
+def train_batch(store: SequenceStore, rows: np.ndarray, max_len: int, ratings: bool = False,
+                trim: bool = False) -> dict[str, np.ndarray]:
     """Inputs s[:-1] and next-item targets s[1:] of each user's training prefix, left-padded
-    (with ``ratings``: the rating of each target, aligned with ``targets``)."""
+    (with ``ratings``: the rating of each target, aligned with ``targets``). ``trim``: only as wide
+    as the batch's longest prefix (at most ``max_len``); positions count back from the newest
+    item, so a row's values do not depend on the width."""
     start = store.offsets[rows]
     end = store.train_end()[rows]
+    if trim:
+        max_len = min(max_len, max(1, int((end - 1 - start).max(initial=0))))
     b = {
         "items": gather_windows(store.items, start, end - 1, max_len),  # (B, T)
         "targets": gather_windows(store.items, start + 1, end, max_len),  # (B, T)
@@ -185,9 +190,15 @@ def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
     return sorted_keys[pos] == keys
 
 
-def eval_batch(store: SequenceStore, rows: np.ndarray, max_len: int, stage: str) -> dict[str, np.ndarray]:
+def eval_batch(store: SequenceStore, rows: np.ndarray, max_len: int, stage: str, trim: bool = False) -> dict[str, np.ndarray]:
     """History window, target and seen-item positions for validation (stage='val'), test, or
-    recommendation after the whole sequence (stage='next': no target, used by rayrec.infer)."""
+    recommendation after the whole sequence (stage='next': no target, used by rayrec.infer).
+
+    ``trim``: the window is only as wide as the batch's longest history plus one column (at most
+    ``max_len``). Positions count back from the newest item and padding is masked, so scores are
+    unchanged; the spare column keeps the oldest item when a masked-item head's query drops the
+    first column to append its mask token. Single-step scoring only: multi-step generation
+    appends several mask tokens to a full window."""
     start = store.offsets[rows]
     pos = store.target_pos(stage)[rows]
     if (pos < 0).any():
@@ -196,9 +207,10 @@ def eval_batch(store: SequenceStore, rows: np.ndarray, max_len: int, stage: str)
     seen_len = cut - start
     seen_rows = np.repeat(np.arange(len(rows)), seen_len)
     seen_pos = np.repeat(start - np.r_[0, np.cumsum(seen_len)[:-1]], seen_len) + np.arange(seen_len.sum())
+    T = min(max_len, int(seen_len.max(initial=0)) + 1) if trim else max_len
     return {
-        "items": gather_windows(store.items, start, cut, max_len),  # (B, T)
-        "timestamps": gather_windows(store.timestamps, start, cut, max_len),  # (B, T)
+        "items": gather_windows(store.items, start, cut, T),  # (B, T)
+        "timestamps": gather_windows(store.timestamps, start, cut, T),  # (B, T)
         "target": None if stage == "next" else store.items[cut].astype(np.int64),  # (B,)
         "user_idx": store.user_idx[rows],
         "seen_rows": seen_rows,  # (S,) row of each seen item in the batch

@@ -7,6 +7,7 @@ sampled number can never be read as a full-ranking one.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -59,8 +60,10 @@ def evaluate(model, store: SequenceStore, cfg: EvalConfig, max_len: int, stage: 
     n_items = store.num_items
     topk_hits = torch.zeros(n_items + 1, dtype=torch.float64, device=device)
     users = store.eval_users(stage)
+    # batches of similar history lengths, each trimmed to its longest: metrics are order-free sums
+    users = users[np.argsort(store.target_pos(stage)[users], kind="stable")]
     for lo in range(0, len(users), cfg.batch_size):
-        b = eval_batch(store, users[lo: lo + cfg.batch_size], max_len, stage)
+        b = eval_batch(store, users[lo: lo + cfg.batch_size], max_len, stage, trim=True)
         target = torch.from_numpy(b["target"]).to(device)
         scores = score_batch(model, b, device)  # (B, N+1)
         rows = torch.arange(len(target), device=device)

@@ -208,7 +208,7 @@ class Recommender:
         """(len(rows), N+1) scores after each whole history: the evaluation's scoring path."""
         out = []
         for lo in range(0, len(rows), self.cfg.eval.batch_size):
-            b = eval_batch(store, rows[lo: lo + self.cfg.eval.batch_size], self.cfg.model.max_len, "next")
+            b = eval_batch(store, rows[lo: lo + self.cfg.eval.batch_size], self.cfg.model.max_len, "next", trim=True)
             s = score_batch(self.model, b, self.device)
             out.append((mask_seen(s, b) if exclude_seen else s).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.num_items + 1)
