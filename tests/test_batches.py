@@ -6,12 +6,16 @@ import pytest
 from rayrec.data.batches import SequenceStore, eval_batch, sample_negatives, train_batch
 
 
-def store(seqs, num_items=20, negs=None):
-    t = pa.table({
+def _table(seqs):
+    return pa.table({
         "user_idx": pa.array(np.arange(1, len(seqs) + 1), pa.int64()),
         "items": pa.array(seqs, pa.list_(pa.int32())),
         "timestamps": pa.array([list(range(len(s))) for s in seqs], pa.list_(pa.int64())),
     })
+
+
+def store(seqs, num_items=20, negs=None):
+    t = _table(seqs)
     if negs is not None:
         t = t.append_column("eval_negatives", pa.array(negs, pa.list_(pa.int32())))
     return SequenceStore.from_tables([t], num_items)
@@ -29,6 +33,49 @@ def test_leave_last_two_out_windows():
     t = eval_batch(s, np.array([0]), 3, "test")
     assert t["items"].tolist() == [[3, 4, 5]] and t["target"].tolist() == [6]
     assert sorted(t["seen_items"].tolist()) == [1, 2, 3, 4, 5]
+
+
+def test_trimmed_windows_are_the_full_windows_without_their_all_padding_columns():
+    s = store([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10], [11, 12, 13]])
+    rows = np.array([1, 2])
+    full, short = train_batch(s, rows, 8), train_batch(s, rows, 8, trim=True)
+    assert short["items"].shape == (2, 1) and (full["items"][:, :-1] == 0).all()
+    for k in ("items", "targets", "timestamps"):
+        assert (short[k] == full[k][:, -1:]).all(), k
+    assert train_batch(s, np.array([0, 1]), 3, trim=True)["items"].shape == (2, 3)  # never wider than max_len
+    e = eval_batch(s, rows, 8, "test", trim=True)  # histories of 3 and 2 items, one spare column
+    assert e["items"].tolist() == [[0, 7, 8, 9], [0, 0, 11, 12]]
+
+
+def _epoch(seqs, rank=0, world=1, **train):
+    from rayrec.config import load_config
+    from rayrec.train.loop import EpochBatches
+
+    cfg = load_config(None, ["model.max_len=30", "model.head=ce", *[f"train.{k}={v}" for k, v in train.items()]])
+    s = SequenceStore.from_tables([_table(seqs)], 50, rank, world)
+    users = s.train_users()
+    steps = -(-len(users) // 8)
+    head = type("Head", (), {"needs_negatives": False, "needs_ratings": False})()
+    return list(EpochBatches(s, None, users, cfg, rank, 8, steps, head).epoch(3))
+
+
+def test_length_buckets_keep_every_user_cut_padding_and_keep_the_objective():
+    rng = np.random.default_rng(0)
+    seqs = [list(rng.integers(1, 51, n)) for n in rng.integers(4, 34, 64)]
+    plain, bucketed = _epoch(seqs), _epoch(seqs, bucket_by_length="true")
+    users = [sorted(np.concatenate([b["user_idx"] for b in e]).tolist()) for e in (plain, bucketed)]
+    assert users[0] == users[1] and len(users[0]) == 64  # the same users, each once
+    cells = [sum(b["items"].size for b in e) for e in (plain, bucketed)]
+    assert cells[1] < 0.7 * cells[0], cells
+    targets = [sum(int((b["targets"] != 0).sum()) for b in e) for e in (plain, bucketed)]
+    assert targets[0] == targets[1]  # trimming drops padding only
+    # each step is normalised by the epoch's mean targets per step, not its own count
+    norms = {float(b["norm_count"][0]) for b in bucketed}
+    assert len(norms) == 1 and norms.pop() == pytest.approx(targets[1] / len(bucketed))
+    assert "norm_count" not in plain[0]
+    # two ranks walk their length quantiles in the same step order: similar widths at every step
+    w = [[b["items"].shape[1] for b in _epoch(seqs, r, 2, bucket_by_length="true")] for r in (0, 1)]
+    assert np.corrcoef(w[0], w[1])[0, 1] > 0.8, w
 
 
 def test_sharding_by_user_is_exact_and_disjoint():

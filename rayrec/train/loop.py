@@ -70,9 +70,12 @@ def train_step(model, optimizer, batch: dict[str, torch.Tensor], cfg: Config, wo
     core = model.module if hasattr(model, "module") else model
     with torch.autocast(batch["items"].device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and batch["items"].is_cuda):
         loss_sum, count = model(batch)
-    total = all_reduce(torch.stack([count.float(), loss_sum.detach().float()]))
+    stats = [count.float(), loss_sum.detach().float()]
+    if "norm_count" in batch:  # length buckets: the epoch's mean targets per step (EpochBatches.length_buckets)
+        stats.append(batch["norm_count"][0])
+    total = all_reduce(torch.stack(stats))
     # DDP averages gradients over ranks, so scale by world / global count to get the global mean
-    loss = loss_sum * (world / total[0].clamp(min=1.0))
+    loss = loss_sum * (world / total[-1 if len(stats) == 3 else 0].clamp(min=1.0))
     if cfg.train.l2_emb:
         loss = loss + cfg.train.l2_emb * core.item_emb.weight.pow(2).sum()
     loss = loss + quant_penalty(core)  # PACT's L2 on clip levels, AdaRound's rounding regulariser
@@ -103,6 +106,7 @@ class EpochBatches:
         self.store, self.forbidden, self.users, self.cfg = store, forbidden, users, cfg
         self.rank, self.per_rank, self.steps = rank, per_rank, steps
         self.needs_negatives, self.needs_ratings = head.needs_negatives, head.needs_ratings
+        self.norm_by_targets = not hasattr(head, "corrupt")  # masked-item heads normalise per sequence
         if self.needs_ratings and store.ratings is None:
             raise ValueError(f"model.head={cfg.model.head} regresses ratings, but the interaction log has no "
                              "'rating' column; convert a log with ratings (e.g. MovieLens) or pick another head")
@@ -119,9 +123,14 @@ class EpochBatches:
         # ranks with fewer users wrap around so all ranks take the same number of steps (DDP)
         order = np.resize(rng.permutation(self.users), self.steps * self.per_rank)
         m = self.cfg.model
+        norm = None
+        if self.cfg.train.bucket_by_length:
+            order, norm = self.length_buckets(order, epoch, rng)
         for i in range(self.steps):
             rows = order[i * self.per_rank: (i + 1) * self.per_rank]
-            b = train_batch(self.store, rows, m.max_len, ratings=self.needs_ratings)
+            b = train_batch(self.store, rows, m.max_len, ratings=self.needs_ratings, trim=norm is not None)
+            if norm is not None and self.norm_by_targets:
+                b["norm_count"] = norm
             if self.needs_negatives and m.shared_negatives:
                 negs = sample_negatives(rng, None, None, self.store.num_items, (m.num_negatives,), probs=self.probs)
                 b["shared_negatives"] = negs
@@ -133,6 +142,25 @@ class EpochBatches:
             if self.log_q is not None:
                 b["log_q"] = self.log_q
             yield b
+
+
+    def length_buckets(self, order: np.ndarray, epoch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's users regrouped into batches of similar history length, each trimmed to its
+        longest window, so batches carry little padding; and the epoch's mean targets per step.
+
+        A ±10% jitter on the sort key mixes users of near-equal length differently every epoch.
+        Every rank takes its length quantiles in one shared step order, so at each step the ranks'
+        batches have similar widths and none waits on a much longer one. The loss of a step is
+        normalised by the epoch's mean targets per step (``norm_count``), not by the step's own
+        count: a short batch then weighs what its targets weigh in a random batch, and the
+        epoch's objective is the one of unbucketed training."""
+        store, max_len = self.store, self.cfg.model.max_len
+        width = np.minimum(store.train_end()[order] - store.offsets[order] - 1, max_len)  # targets per user
+        key = width * np.exp(rng.uniform(-0.1, 0.1, len(order)))
+        order = order[np.argsort(key, kind="stable")].reshape(self.steps, self.per_rank)
+        step_order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(self.steps)
+        norm = np.array([width.sum() / self.steps], dtype=np.float32)
+        return order[step_order].ravel(), norm
 
 
 def prefetch(batches, depth: int = 2):
