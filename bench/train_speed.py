@@ -5,13 +5,17 @@
 
 An epoch is every training user's sequence once with all positions as targets (the reference
 port's epoch). For each config it measures, side by side in one run:
-  * plain: one process, the library's own batches and ``train_step`` (no Ray): s/epoch,
-    sequences/s, time to first step, peak RSS, FLOPs per step (``torch.utils.flop_counter``) and
-    achieved GFLOP/s as a fraction of the best large square fp32 matmul rate measured first;
+  * plain: one process, the library's own batches and ``train_step`` (no Ray), every batch
+    max_len wide (the reference port's batches): s/epoch, sequences/s, time to first step, peak
+    RSS, FLOPs per step (``torch.utils.flop_counter``) and achieved GFLOP/s as a fraction of the
+    best large square fp32 matmul rate measured first;
+  * plain+buckets (paper config): the same with ``train.bucket_by_length=true`` (batches of
+    similar history length, trimmed);
   * optionally the same with ``torch.compile``;
-  * Ray Train with 1 and 2 workers on a warm local cluster (``fit``), s/epoch of the second epoch
-    and time from ``fit()`` to the first optimizer step;
-  * full-ranking evaluation of every user (validation + test).
+  * Ray Train with 1 and 2 workers on a warm local cluster (``fit``, with buckets), s/epoch
+    of the second epoch and time from ``fit()`` to the first optimizer step;
+  * full-ranking evaluation of every user (validation + test), through ``evaluate`` (batches of
+    similar length, trimmed) and, side by side, with every window max_len wide.
 Results: bench/results/train_speed.json and a printed table.
 """
 from __future__ import annotations
@@ -101,16 +105,32 @@ def _plain(conn, seq_path: str, overrides: list[str], threads: int, compile_mode
         n += 1
     epoch_s = time.perf_counter() - t0
     out = {"s_per_epoch": epoch_s, "steps": n, "seq_per_s": n * per / epoch_s, "first_step_s": first_step_s,
-           "flops_per_step": flops, "gflops": flops * n / epoch_s / 1e9,
            "params": sum(p.numel() for p in model.parameters())}
+    if not cfg.train.bucket_by_length:  # bucketed steps differ in width: one step's FLOPs say nothing of the epoch
+        out.update(flops_per_step=flops, gflops=flops * n / epoch_s / 1e9)
     if eval_too:
-        t0 = time.perf_counter()
-        for stage in ("val", "test"):
-            evaluate(model, store, EvalConfig(protocol="full"), cfg.model.max_len, stage, device)
-        out["eval_full_s"] = time.perf_counter() - t0
+        import rayrec.eval.evaluate as ev
+
+        for key, trim in (("eval_full_s", True), ("eval_full_untrimmed_s", False)):
+            # untrimmed: the same evaluation with every window max_len wide (as before trimming)
+            ev.eval_batch = _eval_batch_forced(trim)
+            t0 = time.perf_counter()
+            res = [evaluate(model, store, EvalConfig(protocol="full"), cfg.model.max_len, stage, device)
+                   for stage in ("val", "test")]
+            out[key] = time.perf_counter() - t0
+            out[key.replace("_s", "_ndcg_10")] = res[1]["test_ndcg_10"]
         out["eval_users"] = int(len(store.eval_users()))
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     conn.send(out)
+
+
+def _eval_batch_forced(trim: bool):
+    """``eval_batch`` with trimming forced on or off, whatever ``evaluate`` asks for."""
+    from rayrec.data.batches import eval_batch
+
+    def call(store, rows, max_len, stage, **_):
+        return eval_batch(store, rows, max_len, stage, trim=trim)
+    return call
 
 
 def plain(seq_path, overrides, threads, compile_model=False, eval_too=False) -> dict:
@@ -142,6 +162,7 @@ def main(argv=None) -> None:
     p.add_argument("--skip-ray", action="store_true")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile (paper config)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--ray-configs", default="paper,large", help="configs also run under Ray Train (comma-separated)")
     a = p.parse_args(argv)
 
     import tempfile
@@ -162,22 +183,29 @@ def main(argv=None) -> None:
     rows, results = [], {}
     peak = matmul_peak(a.threads)
     print(f"fp32 matmul peak with {a.threads} threads: {peak:.1f} GFLOP/s", flush=True)
+    def show(key, r):
+        print(key, json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
+
     for name, ov in CONFIGS.items():
-        r = plain(data.sequences_path, ov, a.threads, eval_too=(name == "paper"))
+        r = plain(data.sequences_path, [*ov, "train.bucket_by_length=false"], a.threads, eval_too=(name == "paper"))
         r["gflops_fraction"] = r["gflops"] / peak
         results[f"{name}/plain"] = r
-        print(name, "plain", json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
+        show(f"{name}/plain", r)
+        if name == "paper":
+            r = plain(data.sequences_path, [*ov, "train.bucket_by_length=true"], a.threads)
+            results[f"{name}/plain+buckets"] = r
+            show(f"{name}/plain+buckets", r)
         if a.compile and name == "paper":
             rc = plain(data.sequences_path, ov, a.threads, compile_model=True)
             rc["gflops_fraction"] = rc["gflops"] / peak
             results[f"{name}/plain+compile"] = rc
-            print(name, "compile", json.dumps({k: round(v, 3) for k, v in rc.items()}), flush=True)
-        if not a.skip_ray:
+            show(f"{name}/plain+compile", rc)
+        if not a.skip_ray and name in a.ray_configs.split(","):
             with tempfile.TemporaryDirectory() as tmp:
                 for w in (1, 2):
-                    r = ray_train(ov, w, tmp)
+                    r = ray_train([*ov, "train.bucket_by_length=true"], w, tmp)
                     results[f"{name}/ray{w}"] = r
-                    print(name, f"ray{w}", json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
+                    show(f"{name}/ray{w}", r)
     ray.shutdown()
 
     for key, r in results.items():
@@ -190,10 +218,14 @@ def main(argv=None) -> None:
         "gflops_fraction_paper": round(paper["gflops_fraction"], 4),
         "matmul_peak_gflops": round(peak, 1),
         "eval_full_s": round(paper["eval_full_s"], 3),
+        "eval_full_untrimmed_s": round(paper["eval_full_untrimmed_s"], 3),
+        "s_per_epoch_paper_config_buckets": round(results["paper/plain+buckets"]["s_per_epoch"], 3),
+        "buckets_vs_plain": round(paper["s_per_epoch"] / results["paper/plain+buckets"]["s_per_epoch"], 3),
     }
-    if "paper/ray2" in results:
-        metrics["ray2_vs_plain"] = round(results["paper/ray2"]["seq_per_s"] / paper["seq_per_s"], 3)
-        metrics["ray1_vs_plain"] = round(results["paper/ray1"]["seq_per_s"] / paper["seq_per_s"], 3)
+    if "paper/ray2" in results:  # the Ray runs use buckets: compared with the same loop in one process
+        ref = results["paper/plain+buckets"]
+        metrics["ray2_vs_plain"] = round(results["paper/ray2"]["seq_per_s"] / ref["seq_per_s"], 3)
+        metrics["ray1_vs_plain"] = round(results["paper/ray1"]["seq_per_s"] / ref["seq_per_s"], 3)
         metrics["first_step_s_ray2"] = round(results["paper/ray2"]["first_step_s"], 2)
     out = write_result("train_speed", {
         "script": "bench/train_speed.py", "command": "python " + " ".join(["bench/train_speed.py", *(argv or sys.argv[1:])]),
