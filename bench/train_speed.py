@@ -183,6 +183,7 @@ def main(argv=None) -> None:
     rows, results = [], {}
     peak = matmul_peak(a.threads)
     print(f"fp32 matmul peak with {a.threads} threads: {peak:.1f} GFLOP/s", flush=True)
+
     def show(key, r):
         print(key, json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
 

@@ -122,3 +122,30 @@ def test_prefetch_keeps_order_and_raises_producer_errors():
     gen = prefetch(iter(range(1000)), depth=1)
     assert next(gen) == 0
     gen.close()  # a consumer that stops early must not leave the producer blocked forever
+
+
+def test_a_bucketed_step_is_normalised_by_the_epochs_mean_targets_not_its_own():
+    import torch
+
+    from rayrec.config import load_config
+    from rayrec.models import build_model
+    from rayrec.train.loop import to_device, train_step
+
+    cfg = load_config(None, ["model.max_len=8", "model.hidden=8", "model.num_heads=1", "model.head=ce",
+                             "model.dropout=0", "train.l2_emb=0"])
+    s = store([[1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15, 16]])
+    batch = to_device(train_batch(s, np.arange(3), 8, trim=True), torch.device("cpu"))
+    count = float((batch["targets"] != 0).sum())
+
+    def delta(norm=None):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 20, 4)
+        before = model.item_emb.weight.detach().clone()
+        b = dict(batch) if norm is None else {**batch, "norm_count": torch.tensor([norm])}
+        train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), b, cfg, 1)
+        return model.item_emb.weight.detach() - before
+
+    plain = delta()
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(delta(count), plain)  # the mean equals the step's own count: the same step
+    torch.testing.assert_close(delta(2 * count), plain / 2)  # a step with half the mean's targets weighs half

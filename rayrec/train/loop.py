@@ -70,12 +70,11 @@ def train_step(model, optimizer, batch: dict[str, torch.Tensor], cfg: Config, wo
     core = model.module if hasattr(model, "module") else model
     with torch.autocast(batch["items"].device.type, dtype=torch.bfloat16, enabled=cfg.train.amp and batch["items"].is_cuda):
         loss_sum, count = model(batch)
-    stats = [count.float(), loss_sum.detach().float()]
-    if "norm_count" in batch:  # length buckets: the epoch's mean targets per step (EpochBatches.length_buckets)
-        stats.append(batch["norm_count"][0])
+    bucketed = "norm_count" in batch  # length buckets: the epoch's mean targets per step (EpochBatches.length_buckets)
+    stats = [count.float(), loss_sum.detach().float()] + ([batch["norm_count"][0]] if bucketed else [])
     total = all_reduce(torch.stack(stats))
     # DDP averages gradients over ranks, so scale by world / global count to get the global mean
-    loss = loss_sum * (world / total[-1 if len(stats) == 3 else 0].clamp(min=1.0))
+    loss = loss_sum * (world / total[2 if bucketed else 0].clamp(min=1.0))
     if cfg.train.l2_emb:
         loss = loss + cfg.train.l2_emb * core.item_emb.weight.pow(2).sum()
     loss = loss + quant_penalty(core)  # PACT's L2 on clip levels, AdaRound's rounding regulariser
@@ -142,7 +141,6 @@ class EpochBatches:
             if self.log_q is not None:
                 b["log_q"] = self.log_q
             yield b
-
 
     def length_buckets(self, order: np.ndarray, epoch: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's users regrouped into batches of similar history length, each trimmed to its
