@@ -247,6 +247,20 @@ def test_fault_spec_is_validated_and_fires_once_per_run_folder(tmp_path):
     with pytest.raises(faults.InjectedFault, match="rank 1 at epoch 2"):
         faults.maybe_inject("rank=1,epoch=2,kind=raise", rank=1, epoch=2, run_dir=tmp_path)
     faults.maybe_inject("rank=1,epoch=2,kind=raise", rank=1, epoch=2, run_dir=tmp_path)  # restarted: trains on
+    # a sequence of faults: each fires at its own rank and epoch, once
+    two = "rank=1,epoch=2,kind=raise; rank=0,epoch=3,kind=raise"
+    assert [str(f) for f in faults.parse_all(two)] == ["rank=1,epoch=2,kind=raise", "rank=0,epoch=3,kind=raise"]
+    for bad in (";", "rank=1,epoch=2,kind=raise;rank=1"):
+        with pytest.raises(ValueError, match="RAYREC_FAULT"):
+            faults.parse_all(bad)
+    seq = tmp_path / "seq"
+    faults.maybe_inject(two, rank=0, epoch=2, run_dir=seq)
+    with pytest.raises(faults.InjectedFault, match="rank 1 at epoch 2"):
+        faults.maybe_inject(two, rank=1, epoch=2, run_dir=seq)
+    with pytest.raises(faults.InjectedFault, match="rank 0 at epoch 3"):
+        faults.maybe_inject(two, rank=0, epoch=3, run_dir=seq)
+    faults.maybe_inject(two, rank=1, epoch=2, run_dir=seq)
+    faults.maybe_inject(two, rank=0, epoch=3, run_dir=seq)
 
 
 def test_run_folder_policy(tmp_path):

@@ -198,17 +198,17 @@ def test_every_trial_has_tensorboard_scalars_and_hparams(asha_sweep):
         assert b"train.lr" in hparams["_hparams_/session_start_info"]
 
 
-def test_best_config_reruns_with_jobs_train(asha_sweep, tmp_path):
+def test_best_config_reruns_with_jobs_train(asha_sweep, tmp_path, capsys):
     exp, _, _ = asha_sweep
     best = exp / "best_config.yaml"
     cfg = load_config(best)
     assert cfg.train.lr == 0.01 and cfg.model.dropout == 0.15 and cfg.name == "asha_tune_best" and not cfg.resume
     assert f"python jobs/train.py {best}" in best.read_text()
-    proc = run_job(["jobs/train.py", str(best), f"output_dir={tmp_path}", "train.epochs=1"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # what jobs/train.py runs (its whole body is this call), in-process on the session's Ray: a subprocess
+    # would only add a Ray start, which the jobs/train.py tests in test_fault_cluster.py already cover
+    assert main(["train", str(best), f"output_dir={tmp_path}", "train.epochs=1"]) in (0, None)
     assert json.loads((tmp_path / "asha_tune_best" / "final_metrics.json").read_text())["test_ndcg_10"] > 0
-    # a local run has no dashboard: Train's placement-group cleaner would warn once a second
-    assert "Failed to query Ray Train Controller" not in proc.stdout + proc.stderr
+    assert "test_ndcg_10" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def test_killed_sweep_resumes_only_unfinished_trials(synthetic_log, tmp_path):
     cfg = write_config(tmp_path, synthetic_log, "res", {
         "max_concurrent_trials": 1, "scheduler": "none", "search_alg": "random",
         "space": {"model.num_heads": {"grid": [2, 3, 4]}},
-    }, train={"epochs": 10})
+    }, train={"epochs": 5})
     exp = tmp_path / "out" / "res_tune"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1",
            "TUNE_GLOBAL_CHECKPOINT_S": "0"}
@@ -273,6 +273,6 @@ def test_killed_sweep_resumes_only_unfinished_trials(synthetic_log, tmp_path):
     assert error_file.stat().st_mtime == error_mtime
     # the interrupted trial continued from its checkpoint: its Train run resumed, not restarted
     epochs = [json.loads(line)["epoch"] for line in (exp / "trial_00002" / "result.json").read_text().splitlines()]
-    assert epochs[0] > 1 and epochs[-1] == 10, epochs
+    assert epochs[0] > 1 and epochs[-1] == 5, epochs
     assert "resumed from" in (proc2.stdout + proc2.stderr)
     assert not any(t.startswith("trial_00003") for t in table.index)

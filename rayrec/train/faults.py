@@ -5,7 +5,9 @@ Fault injection (for tests and drills, never set in production): the driver's en
     RAYREC_FAULT="rank=1,epoch=2,kind=exit"      kind: raise | exit | hang
 
 makes rank 1 raise :class:`InjectedFault`, hard-exit (``os._exit(17)``, like an OOM kill) or stall
-forever just before its first training step of epoch 2 (1-based, as in the logs). ``fit`` forwards
+forever just before its first training step of epoch 2 (1-based, as in the logs). Several faults
+separated by ``;`` (``"rank=1,epoch=2,kind=raise;rank=0,epoch=3,kind=exit"``) fire one after the
+other, so one run can drill a sequence of failures and restarts. ``fit`` forwards
 the variable to the workers in the loop config, so it works on any cluster. A fault fires once per
 run folder (a ``.rayrec_fault_*`` marker file there), so a restarted worker trains on: that is what
 lets a test compare a faulted run with a clean one.
@@ -58,21 +60,32 @@ class Fault:
         return f"rank={self.rank},epoch={self.epoch},kind={self.kind}"
 
 
+def parse_all(spec: str) -> list[Fault]:
+    """The faults of a ``;``-separated spec."""
+    faults = [Fault.parse(part) for part in spec.split(";") if part.strip()]
+    if not faults:
+        raise ValueError(f"{ENV}={spec!r}: expected rank=R,epoch=E,kind={'|'.join(KINDS)}[;...]")
+    return faults
+
+
 def from_env() -> str | None:
     """The driver's fault spec (validated), to forward to the workers."""
     spec = os.environ.get(ENV) or None
     if spec:
-        Fault.parse(spec)
+        parse_all(spec)
     return spec
 
 
 def maybe_inject(spec: str | None, rank: int, epoch: int, run_dir: Path) -> None:
-    """Fire the fault if this is its rank and (1-based) epoch and it has not fired in this run folder."""
+    """Fire a fault if one is for this rank and (1-based) epoch and has not fired in this run folder."""
     if not spec:
         return
-    fault = Fault.parse(spec)
-    if fault.rank != rank or fault.epoch != epoch:
-        return
+    for fault in parse_all(spec):
+        if fault.rank == rank and fault.epoch == epoch:
+            _fire(fault, rank, epoch, run_dir)
+
+
+def _fire(fault: Fault, rank: int, epoch: int, run_dir: Path) -> None:
     marker = Path(run_dir) / f".rayrec_fault_{hashlib.sha256(str(fault).encode()).hexdigest()[:12]}"
     marker.parent.mkdir(parents=True, exist_ok=True)
     try:
