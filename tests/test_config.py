@@ -19,6 +19,17 @@ def test_overrides_are_typed():
     assert cfg.train.lr == 0.01 and cfg.model.head == "ce" and cfg.eval.ks == [1, 10] and cfg.model.norm_first is False
 
 
+
+def test_scientific_notation_is_a_number_in_overrides_and_yaml(tmp_path):
+    # YAML 1.1 (PyYAML) reads 3e-4, without a dot, as a string
+    assert load_config(None, ["train.lr=3e-4"]).train.lr == pytest.approx(3e-4)
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 1E-3\n  weight_decay: 5e-2\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.weight_decay == pytest.approx(0.05)
+    with pytest.raises(ConfigError, match="train.lr must be a number"):
+        load_config(None, ["train.lr=3e-4x"])
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
