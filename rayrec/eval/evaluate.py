@@ -69,15 +69,15 @@ def evaluate(model, store: SequenceStore, cfg: EvalConfig, max_len: int, stage: 
         rows = torch.arange(len(target), device=device)
         if "full" in protocols:
             full = mask_seen(scores.clone(), b) if cfg.exclude_seen else scores.clone()
-            ranks = rank_of_target(full, full[rows, target])
-            for k, v in metric_sums(ranks, cfg.ks).items():
+            ranks, ties = rank_of_target(full, full[rows, target])
+            for k, v in metric_sums(ranks, cfg.ks, ties).items():
                 sums[k] += v
             top = full.topk(min(COVERAGE_K, n_items), dim=1).indices.flatten()
             topk_hits.index_fill_(0, top, 1.0)
         if "sampled" in protocols:
             negs = torch.from_numpy(b["negatives"]).to(device)
-            ranks = rank_of_target(scores.gather(1, negs), scores[rows, target])
-            for k, v in metric_sums(ranks, cfg.ks).items():
+            ranks, ties = rank_of_target(scores.gather(1, negs), scores[rows, target], target_in_scores=False)
+            for k, v in metric_sums(ranks, cfg.ks, ties).items():
                 sums["sampled_" + k] += v
     keys = sorted(sums)
     vec = torch.tensor([sums[k] for k in keys] + [float(len(users))], dtype=torch.float64, device=device)

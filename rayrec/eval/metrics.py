@@ -7,22 +7,41 @@ from __future__ import annotations
 import torch
 
 
-def rank_of_target(scores: torch.Tensor, target_scores: torch.Tensor) -> torch.Tensor:
-    """Number of candidates scored strictly above the target: (B, C), (B,) → (B,) int64.
+def rank_of_target(scores: torch.Tensor, target_scores: torch.Tensor,
+                   target_in_scores: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(above, ties): candidates scored strictly above the target, and the other candidates scored
+    exactly as the target; (B, C), (B,) → two (B,) int64.
 
-    A tie counts in the target's favour only if it is exact, which is vanishingly rare in float
-    scores; masked candidates carry -inf and never outrank anything.
+    Ties are not rare: a quantized model's integer arithmetic, a popularity count or a collapsed
+    model gives many items the same score. Counting them in the target's favour would let a model
+    that scores everything alike rank every target first. ``target_in_scores``: the target is one
+    of the columns (full ranking), so it is not its own tie. Masked candidates carry -inf and never
+    outrank anything; a masked target (-inf) is a miss, its ties with other masked items ignored.
     """
-    return (scores > target_scores[:, None]).sum(dim=1)
+    t = target_scores[:, None]
+    above = (scores > t).sum(dim=1)
+    ties = (scores == t).sum(dim=1) - int(target_in_scores)
+    return above, torch.where(torch.isfinite(target_scores), ties.clamp(min=0), torch.zeros_like(ties))
 
 
-def metric_sums(ranks: torch.Tensor, ks: list[int]) -> dict[str, float]:
-    """{'ndcg_10': sum, 'hr_10': sum, 'mrr_10': sum, ...} over the batch."""
-    r = ranks.double()
+def _prefix(values: torch.Tensor) -> torch.Tensor:
+    return torch.cat([values.new_zeros(1), values.cumsum(0)])
+
+
+def metric_sums(ranks: torch.Tensor, ks: list[int], ties: torch.Tensor | None = None) -> dict[str, float]:
+    """{'ndcg_10': sum, 'hr_10': sum, 'mrr_10': sum, ...} over the batch.
+
+    With ``ties``, each user's metric is its exact expectation under a random order of the tied
+    candidates: the target is equally likely at every position ``ranks .. ranks + ties``.
+    """
+    r = ranks.long()
+    e = torch.zeros_like(r) if ties is None else ties.long().to(r.device)
     out = {}
     for k in ks:
-        hit = (ranks < k).double()
-        out[f"ndcg_{k}"] = float((hit / torch.log2(r + 2.0)).sum())
-        out[f"hr_{k}"] = float(hit.sum())
-        out[f"mrr_{k}"] = float((hit / (r + 1.0)).sum())
+        pos = torch.arange(k, dtype=torch.float64, device=r.device)
+        lo, hi = r.clamp(max=k), (r + e + 1).clamp(max=k)  # positions lo..hi-1 are within the top k
+        n = (e + 1).double()
+        for name, per_pos in (("ndcg", 1.0 / torch.log2(pos + 2.0)), ("hr", torch.ones_like(pos)), ("mrr", 1.0 / (pos + 1.0))):
+            table = _prefix(per_pos)
+            out[f"{name}_{k}"] = float(((table[hi] - table[lo]) / n).sum())
     return out
