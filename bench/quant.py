@@ -9,11 +9,16 @@ converted INT8 model's quality, size on disk, and FP32 vs INT8 CPU scoring speed
    converted INT8 model (``evaluate_checkpoint(..., int8=True)``, the path of
    ``jobs/evaluate.py --int8``);
 3. rounds the float model with AdaRound's post-training pass (no training), fake and INT8;
+   and, as the control for the QAT rows, fine-tunes the float model for the same epochs and
+   learning rate without quantization (``fp32-ft``): QAT's loss against it is the quantization's,
+   not the extra training's;
 4. times full-catalogue scoring (``score_last``) of the float model and of the INT8 model of the
    best 8-bit method (chosen on validation), batch 1 and 256, interleaved in one process.
 
 Stages are cached in bench/runs/quant/ (delete it to start over), so the run can be split into
-several calls. Writes bench/results/quant.json and prints a table.
+several calls. Writes bench/results/quant.json and prints a table. ``--speed-from FILE`` keeps the
+scoring speed of an earlier result (a CPU without VNNI runs INT8 layers as exact fp32 emulation,
+so its speed ratio says nothing about INT8 kernels); the file's host and commit are recorded.
 """
 from __future__ import annotations
 
@@ -152,9 +157,14 @@ def readme_table(result: dict) -> str:
         lines.append(f"| `{m}` | {b} | {cell(f, 'val_ndcg_10')} | {cell(f, 'test_ndcg_10')} | {cell(i, 'val_ndcg_10')} | "
                      f"{cell(i, 'test_ndcg_10')} |")
     m, t = result["metrics"], result["timings"]
+    src = result.get("speed_source")
+    where = (f"timed on {src['hardware']} at commit {src['commit'][:8]} with `{src['method']}` as the INT8 model; "
+             if src else "")
+    control = (f"; fp32 fine-tuned as long without quantization {m['fp32_ft_test_ndcg_10']:.4f} "
+               f"(`int8_rel_ndcg_loss_vs_fp32_ft` {m['int8_rel_ndcg_loss_vs_fp32_ft']:.4f})" if "fp32_ft_test_ndcg_10" in m else "")
     lines += ["", f"Best 8-bit method on validation: `{m['best_8bit_method']}`; INT8 test NDCG@10 {m['int8_test_ndcg_10']:.4f} "
-              f"vs fp32 {m['fp32_test_ndcg_10']:.4f} (`int8_rel_ndcg_loss` {m['int8_rel_ndcg_loss']:.4f}). Scoring "
-              f"(hidden {t['hidden']}, max_len {t['max_len']}, {t['items']} items, {t['threads']} thread): batch 256 "
+              f"vs fp32 {m['fp32_test_ndcg_10']:.4f} (`int8_rel_ndcg_loss` {m['int8_rel_ndcg_loss']:.4f}){control}. Scoring ({where}"
+              f"hidden {t['hidden']}, max_len {t['max_len']}, {t['items']} items, {t['threads']} thread): batch 256 "
               f"fp32 {t['fp32_latency_ms_b256']:.1f} ms vs INT8 {t['int8_latency_ms_b256']:.1f} ms "
               f"(`int8_speedup_b256` {m['int8_speedup_b256']:.2f}), batch 1 {t['fp32_latency_ms_b1']:.2f} vs "
               f"{t['int8_latency_ms_b1']:.2f} ms ({m['int8_speedup_b1']:.2f}×); size on disk {m['size_mb_fp32']:.2f} MB "
@@ -184,6 +194,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stop-after", choices=["float", "qat", "ptq"], help="run the stages up to this one and exit")
+    p.add_argument("--speed-from", metavar="JSON", help="reuse the scoring-speed timings of this earlier quant.json "
+                   "(measured on a CPU with VNNI) instead of timing here")
     p.add_argument("--readme", action="store_true", help="only rewrite the README table from bench/results/quant.json")
     a = p.parse_intermixed_args(argv)
     if a.readme:
@@ -222,24 +234,43 @@ def main(argv=None) -> None:
                                                               "int8": evaluate(fp["run_dir"], ov, True)})
         rows.append({"method": "adaround-ptq", "bits": bits, "mode": "ptq fake-quant", **r["fake"]})
         rows.append({"method": "adaround-ptq", "bits": bits, "mode": "ptq int8", **r["int8"]})
+    ft_ov = [*a.overrides, f"train.init_from={fp['run_dir']}", f"train.epochs={a.qat_epochs}", f"train.lr={a.qat_lr}",
+             "train.warmup_steps=0", "train.eval_every=1", "train.patience=0"]
+    ft = cached("fp32_ft", lambda: train(a.config, "fp32_ft", ft_ov))
+    rows.insert(1, {"method": "fp32-ft", "bits": 32, "mode": "float", **ft["fake"]})
     if a.stop_after == "ptq":
         return
     eight = {m: r for (m, b), r in qat.items() if b == 8}
     best = max(eight, key=lambda m: eight[m]["int8"]["val_ndcg_10"])  # chosen on validation, never test
-    sp = cached(f"speed_{best}_t{a.threads}", lambda: speed(fp["run_dir"], eight[best]["run_dir"], a.repeats, a.threads))
-    f_test, q_test = fp["fake"]["test_ndcg_10"], eight[best]["int8"]["test_ndcg_10"]
+    speed_source = None
+    if a.speed_from:
+        earlier = json.loads(Path(a.speed_from).read_text())
+        sp = earlier["timings"]
+        speed_source = {k: earlier.get(k) for k in ("hardware", "commit", "date")}
+        speed_source.update(method=earlier["metrics"].get("best_8bit_method"), file=str(a.speed_from))
+    else:
+        from rayrec.quant.convert import vnni_available
+
+        if not vnni_available():
+            logging.warning("no VNNI on this CPU: INT8 layers run as exact fp32 emulation, so the speed ratio "
+                            "measured here is not an INT8 figure (see --speed-from)")
+        sp = cached(f"speed_{best}_t{a.threads}", lambda: speed(fp["run_dir"], eight[best]["run_dir"], a.repeats, a.threads))
+    f_test, q_test, ft_test = fp["fake"]["test_ndcg_10"], eight[best]["int8"]["test_ndcg_10"], ft["fake"]["test_ndcg_10"]
     metrics = {"fp32_test_ndcg_10": f_test, "best_8bit_method": best, "int8_test_ndcg_10": q_test,
                "int8_rel_ndcg_loss": round((f_test - q_test) / f_test, 5),
+               "fp32_ft_test_ndcg_10": ft_test, "int8_rel_ndcg_loss_vs_fp32_ft": round((ft_test - q_test) / ft_test, 5),
                "int8_speedup_b256": sp["int8_speedup_b256"], "int8_speedup_b1": sp["int8_speedup_b1"],
                "size_mb_fp32": sp["size_mb_fp32"], "size_mb_int8": sp["size_mb_int8"],
                "pop_test_ndcg_10": fp["pop_test_ndcg_10"]}
     src = Path(resolve_source(base.data.source.path))
     cmd = " ".join(["python bench/quant.py", a.config, *a.overrides, f"--float-epochs {a.float_epochs}",
-                    f"--qat-epochs {a.qat_epochs}", f"--threads {a.threads}"])
+                    f"--qat-epochs {a.qat_epochs}", f"--threads {a.threads}"]
+                   + ([f"--speed-from {a.speed_from}"] if a.speed_from else []))
     out = write_result("quant", {
         "script": "bench/quant.py", "command": cmd, "dataset": src.name, "data_sha256": sha256(src) if src.exists() else "",
         "config": base.to_dict(), "protocol": "full", "metrics": metrics, "timings": sp,
-        "float_epochs": a.float_epochs, "qat_epochs": a.qat_epochs, "qat_lr": a.qat_lr, "rows": rows})
+        "float_epochs": a.float_epochs, "qat_epochs": a.qat_epochs, "qat_lr": a.qat_lr, "rows": rows,
+        "speed_source": speed_source})
     print(f"\n{'method':<14}{'bits':>5}  {'mode':<16}{'val NDCG@10':>12}{'test NDCG@10':>13}{'test HR@10':>11}")
     for r in rows:
         print(f"{r['method']:<14}{r['bits']:>5}  {r['mode']:<16}{r.get('val_ndcg_10', float('nan')):>12.4f}"
