@@ -79,6 +79,8 @@ def test_train_checkpoint_resume_evaluate_round_trip(ray_cluster, synthetic_log,
             "model.head=ce", "eval.protocol=both", *SMALL]
     first = fit(load_config(None, base + ["train.epochs=2"]))
     assert first.metrics["epoch"] == 2
+    # local mode has a history too: every report of this fit call, epochs in order
+    assert [h["epoch"] for h in first.history if "train_loss" in h] == [1, 2], first.history
     # reusing a run folder without resume is refused and overwrites nothing
     with pytest.raises(ConfigError, match="resume=true"):
         fit(load_config(None, base + ["train.epochs=4"]))
@@ -86,6 +88,7 @@ def test_train_checkpoint_resume_evaluate_round_trip(ray_cluster, synthetic_log,
     folder = Path(resumed.checkpoint)
     state = ckpt.load_state(folder)
     assert state["epoch"] == 4 and resumed.metrics["epoch"] == 4
+    assert [h["epoch"] for h in resumed.history if "train_loss" in h] == [3, 4]  # this call's epochs only
     steps = _tb_steps(resumed.run_dir, "epoch/val_ndcg_10")
     assert len(steps) == 4 and steps == sorted(set(steps))  # one continuous step axis, no duplicates
     # checkpoints load without pickle: safetensors weights, optimizer state with weights_only=True

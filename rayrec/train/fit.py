@@ -12,7 +12,7 @@ from rayrec.config import Config, ConfigError
 from rayrec.data.sequences import SequenceData, build_sequences
 from rayrec.ray_env import init_ray
 from rayrec.train import faults
-from rayrec.train.loop import train_loop
+from rayrec.train.loop import LOCAL_REPORTS, train_loop
 from rayrec.train.stages import chain_sft, check_init_from
 
 log = logging.getLogger("rayrec.train")
@@ -150,6 +150,7 @@ def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     (run_dir / "data_meta.json").write_text(json.dumps(data.meta, indent=2, default=str))
+    LOCAL_REPORTS.clear()
     try:
         result = trainer_for(cfg, data, callbacks=callbacks).fit()
         if result.error:
@@ -163,6 +164,6 @@ def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
     ck = result.checkpoint.path if result.checkpoint else None
     (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     df = result.metrics_dataframe
-    history = df.to_dict("records") if df is not None else []
+    history = df.to_dict("records") if df is not None else list(LOCAL_REPORTS)
     result = FitResult(metrics, ck, run_dir, data, history)
     return chain_sft(cfg, result) if cfg.train.sft_epochs else result

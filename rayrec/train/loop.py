@@ -203,6 +203,11 @@ def load_store(num_items: int, rank: int, world: int, shard=None, tables=None) -
     return SequenceStore.from_tables(tables, num_items, rank, world)
 
 
+# Local mode (scale.num_workers=0) runs the loop in fit()'s own process, and Ray Train keeps no
+# metrics history for it: fit() reads this fit call's reports from here instead.
+LOCAL_REPORTS: list[dict[str, Any]] = []
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point. ``config``: {"cfg": Config dict, "num_items": N, "num_users": U}."""
     import ray.train
@@ -223,6 +228,8 @@ def train_loop(config: dict[str, Any]) -> None:
         name = ckpt.dir_name(int(metrics.get("epoch", 0)), final=bool(metrics.get("final")))
         if folder and local:  # local mode does not persist checkpoints: keep them in the run folder
             folder = ckpt.persist(folder, cfg.run_dir, int(metrics.get("epoch", 0)), final=bool(metrics.get("final")))
+        if local:
+            LOCAL_REPORTS.append(dict(metrics))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if folder else None,
                          checkpoint_dir_name=name if folder else None)
 
