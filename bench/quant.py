@@ -182,6 +182,20 @@ def update_readme() -> None:
     readme.write_text(f"{head}<!-- quant:start -->\n{readme_table(result)}\n<!-- quant:end -->{tail}")
 
 
+def load_speed(path: str) -> dict:
+    """An earlier quant.json whose scoring timings ``--speed-from`` reuses; a clear exit if it has none."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+        missing = [k for k in ("int8_speedup_b256", "int8_speedup_b1", "size_mb_fp32", "size_mb_int8")
+                   if k not in earlier["timings"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--speed-from {path}: not a readable bench/quant.py result with timings ({e!r}); "
+                         "pass an earlier bench/results/quant*.json") from None
+    if missing:
+        raise SystemExit(f"--speed-from {path}: its timings lack {missing}; pass a complete bench/quant.py result")
+    return earlier
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
@@ -200,6 +214,7 @@ def main(argv=None) -> None:
     a = p.parse_intermixed_args(argv)
     if a.readme:
         return update_readme()
+    earlier = load_speed(a.speed_from) if a.speed_from else None  # before an hour of training, not after
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     from rayrec.config import load_config
@@ -243,8 +258,7 @@ def main(argv=None) -> None:
     eight = {m: r for (m, b), r in qat.items() if b == 8}
     best = max(eight, key=lambda m: eight[m]["int8"]["val_ndcg_10"])  # chosen on validation, never test
     speed_source = None
-    if a.speed_from:
-        earlier = json.loads(Path(a.speed_from).read_text())
+    if earlier:
         sp = earlier["timings"]
         speed_source = {k: earlier.get(k) for k in ("hardware", "commit", "date")}
         speed_source.update(method=earlier["metrics"].get("best_8bit_method"), file=str(a.speed_from))
