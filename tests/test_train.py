@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -13,7 +14,7 @@ from rayrec.data.batches import SequenceStore
 from rayrec.eval.baselines import MostPopular
 from rayrec.eval.evaluate import evaluate
 from rayrec.train import checkpoint as ckpt
-from rayrec.train.fit import fit
+from rayrec.train.fit import fit, sequences_dataset
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,22 @@ def test_sasrec_beats_most_popular_under_2_worker_ddp(ray_cluster, synthetic_log
     assert res.metrics["test_users"] == res.data.meta["users_by_length"]["evaluable (>=3: train + valid + test)"]
     # metrics came from the best-on-validation epoch
     assert res.metrics["val_ndcg_10"] == pytest.approx(res.metrics["best_val_ndcg_10"])
+
+
+def test_small_sequences_are_put_whole_and_large_ones_read_by_ray_data_with_the_same_rows(ray_cluster, synthetic_log,
+                                                                                        monkeypatch):
+    import ray.data
+
+    from rayrec.data.sequences import build_sequences
+
+    data = build_sequences(load_config(None, [f"data.log={synthetic_log}"]).data)
+    large = sequences_dataset(data.sequences_path, small_bytes=0)
+    with monkeypatch.context() as m:  # below the threshold no Ray Data read task starts
+        m.setattr(ray.data, "read_parquet", lambda *a, **k: pytest.fail("small sequences went through read tasks"))
+        small = sequences_dataset(data.sequences_path)
+    rows = [ds.to_arrow_refs() for ds in (small, large)]
+    tables = [pa.concat_tables(ray_cluster.get(r)).sort_by("user_idx") for r in rows]
+    assert tables[0].num_rows == data.meta["users_out"] and tables[0].equals(tables[1])
 
 
 @pytest.mark.parametrize("variant", [

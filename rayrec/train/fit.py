@@ -58,19 +58,38 @@ def _check_run_dir(cfg: Config) -> None:
         )
 
 
+SMALL_SEQUENCES_BYTES = 64 << 20  # on disk; read into this process whole below it
+
+
+def sequences_dataset(path: str, small_bytes: int = SMALL_SEQUENCES_BYTES):
+    """The built sequences as a Ray Dataset already in the object store: workers then only fetch
+    blocks, so feeding them needs no free CPU (a 2-CPU node fully given to workers otherwise hangs
+    waiting for read tasks; RAY_NOTES.md).
+
+    Small local sequences are read here and put as one Arrow table: no read task means no Ray Data
+    worker to start and import, which was most of the 1-3 s this step took before a run's first
+    training step. Larger or remote ones are read by Ray Data tasks that ask for no CPU (in a Tune
+    sweep the trials can hold every CPU; Parquet sampling still takes 1: tune/sweep.py caps
+    concurrency for it)."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    local = Path(path)
+    if "://" not in path and local.is_dir():
+        files = [f for f in local.rglob("*.parquet") if not f.name.startswith(("_", "."))]
+        if files and sum(f.stat().st_size for f in files) <= small_bytes:
+            return ray.data.from_arrow(pq.read_table(path))
+    return ray.data.read_parquet(path, num_cpus=0).materialize()
+
+
 def trainer_for(cfg: Config, data: SequenceData, callbacks: list | None = None):
     """The TorchTrainer for a config: used by ``fit`` and by Tune trials alike."""
-    import ray.data
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scale
     backend = s.backend if s.backend != "auto" else ("nccl" if s.use_gpu else "gloo")
-    # materialised on the driver: workers then only fetch blocks, so feeding them needs no free CPU
-    # (a 2-CPU node fully given to workers otherwise hangs waiting for read tasks; RAY_NOTES.md)
-    # the read tasks ask for no CPU: in a Tune sweep the trials' actors and placement groups can hold
-    # every CPU (Parquet sampling still takes 1 CPU: tune/sweep.py caps concurrency for it)
-    ds = ray.data.read_parquet(data.sequences_path, num_cpus=0).materialize()
+    ds = sequences_dataset(data.sequences_path)
     storage = s.storage_path or str(cfg.run_dir.parent)
     return TorchTrainer(
         train_loop,
