@@ -128,7 +128,7 @@ class EpochBatches:
         for i in range(self.steps):
             rows = order[i * self.per_rank: (i + 1) * self.per_rank]
             b = train_batch(self.store, rows, m.max_len, ratings=self.needs_ratings, trim=norm is not None)
-            if norm is not None and self.norm_by_targets:
+            if norm is not None and self.norm_by_targets and self.cfg.train.bucket_norm == "epoch":
                 b["norm_count"] = norm
             if self.needs_negatives and m.shared_negatives:
                 negs = sample_negatives(rng, None, None, self.store.num_items, (m.num_negatives,), probs=self.probs)
