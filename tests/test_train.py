@@ -39,6 +39,9 @@ def test_sasrec_beats_most_popular_under_2_worker_ddp(ray_cluster, synthetic_log
     assert res.metrics["test_users"] == res.data.meta["users_by_length"]["evaluable (>=3: train + valid + test)"]
     # metrics came from the best-on-validation epoch
     assert res.metrics["val_ndcg_10"] == pytest.approx(res.metrics["best_val_ndcg_10"])
+    # every epoch's report, not only those of the 3 checkpoints Ray retains
+    assert [h["epoch"] for h in res.history if "train_loss" in h] == list(range(1, 9))
+    assert res.history[-1]["test_ndcg_10"] == res.metrics["test_ndcg_10"]
 
 
 def test_small_sequences_are_put_whole_and_large_ones_read_by_ray_data_with_the_same_rows(ray_cluster, synthetic_log,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ class FitResult:
     checkpoint: str | None  # folder of the final checkpoint (best weights)
     run_dir: Path
     data: SequenceData
-    history: list[dict[str, Any]]  # every report of this fit() call, in order
+    history: list[dict[str, Any]]  # every report of this fit() call, in order (the last one is ``metrics``)
 
 
 def _check_run_dir(cfg: Config) -> None:
@@ -94,7 +95,8 @@ def trainer_for(cfg: Config, data: SequenceData, callbacks: list | None = None):
     return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "num_items": data.num_items, "num_users": data.num_users,
-                           "fault": faults.from_env()},  # test-only fault injection (rayrec/train/faults.py)
+                           "fault": faults.from_env(),  # test-only fault injection (rayrec/train/faults.py)
+                           "call": uuid.uuid4().hex},  # tags this call's reports in the run's history
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker} if s.num_workers else None),
         torch_config=TorchConfig(backend=backend, timeout_s=s.timeout_s),
@@ -158,6 +160,25 @@ def _capacity_error(cfg: Config, error: BaseException) -> CapacityError | None:
         f"far are kept: rerun with resume=true. Ray's error: {cause}")
 
 
+def _history(result) -> list[dict[str, Any]]:
+    """Every report of this fit() call, from the final checkpoint's state (``loop.run`` keeps them
+    there): Ray's ``metrics_dataframe`` holds only the reports of the checkpoints it retains."""
+    from rayrec.train import checkpoint as ckpt
+
+    state = {}
+    if result.checkpoint is not None:
+        try:
+            with result.checkpoint.as_directory() as folder:
+                state = ckpt.load_state(folder)
+        except (OSError, ValueError) as e:
+            log.warning("could not read the run's history from %s (%s); keeping Ray's", result.checkpoint.path, e)
+    if "history" in state:
+        call = state["history"][-1].get("call") if state["history"] else None
+        return [{k: v for k, v in h.items() if k != "call"} for h in state["history"] if h.get("call") == call]
+    df = result.metrics_dataframe
+    return df.to_dict("records") if df is not None else list(LOCAL_REPORTS)
+
+
 def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
     """Train one config; ``callbacks`` are Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
     _check_run_dir(cfg)  # before starting Ray: a refused run costs nothing
@@ -182,7 +203,5 @@ def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
     metrics = dict(result.metrics or {})
     ck = result.checkpoint.path if result.checkpoint else None
     (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    df = result.metrics_dataframe
-    history = df.to_dict("records") if df is not None else list(LOCAL_REPORTS)
-    result = FitResult(metrics, ck, run_dir, data, history)
+    result = FitResult(metrics, ck, run_dir, data, _history(result))
     return chain_sft(cfg, result) if cfg.train.sft_epochs else result

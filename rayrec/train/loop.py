@@ -128,7 +128,7 @@ class EpochBatches:
         for i in range(self.steps):
             rows = order[i * self.per_rank: (i + 1) * self.per_rank]
             b = train_batch(self.store, rows, m.max_len, ratings=self.needs_ratings, trim=norm is not None)
-            if norm is not None and self.norm_by_targets and self.cfg.train.bucket_norm == "epoch":
+            if norm is not None and self.norm_by_targets:
                 b["norm_count"] = norm
             if self.needs_negatives and m.shared_negatives:
                 negs = sample_negatives(rng, None, None, self.store.num_items, (m.num_negatives,), probs=self.probs)
@@ -236,7 +236,7 @@ def train_loop(config: dict[str, Any]) -> None:
     progress = faults.Progress(rank, world)
     try:
         run(cfg, store, config["num_users"], rank, world, device, report, resume_dir=resume_dir,
-            fault=config.get("fault"), progress=progress)
+            fault=config.get("fault"), progress=progress, call=config.get("call", ""))
     except RuntimeError as e:
         named = progress.explain(e, cfg.scale.timeout_s)
         if named is None:
@@ -274,9 +274,14 @@ def resume_source(checkpoint, cfg: Config) -> str | None:
 
 
 def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int, device, report,
-        resume_dir: str | None = None, fault: str | None = None, progress: faults.Progress | None = None
-        ) -> dict[str, float]:
-    """Train, validate, keep the best-on-validation weights, then test them. Returns final metrics."""
+        resume_dir: str | None = None, fault: str | None = None, progress: faults.Progress | None = None,
+        call: str = "") -> dict[str, float]:
+    """Train, validate, keep the best-on-validation weights, then test them. Returns final metrics.
+
+    Every report is also kept in ``state["history"]``, tagged with ``call`` (one ``fit()`` call):
+    it travels in each checkpoint's state.json, so a resumed worker continues it and ``fit()`` reads
+    the whole list from the final checkpoint (Ray's ``metrics_dataframe`` keeps only the reports
+    of the checkpoints it retains, three of them)."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     # quantizers before the checkpoint, DDP and the optimizer: their parameters must exist for all three
@@ -287,7 +292,7 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
     if cfg.quant.init_from and not resume_dir:
         init_from_float(model, cfg.quant.init_from)
     optimizer = make_optimizer(model, cfg)
-    state = {"epoch": 0, "global_step": 0, "best_metric": -math.inf, "best_epoch": -1, "bad_evals": 0}
+    state = {"epoch": 0, "global_step": 0, "best_metric": -math.inf, "best_epoch": -1, "bad_evals": 0, "history": []}
     best_state = None
     if resume_dir:
         ckpt.verify(resume_dir)
@@ -363,6 +368,7 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
                 log.info("epoch %d/%d loss %.4f %.1f seq/s %s", epoch + 1, cfg.train.epochs, metrics["train_loss"],
                          metrics["seq_per_s"], {k: round(v, 4) for k, v in last_val.items() if k == metric})
             tb.flush()
+            state.setdefault("history", []).append({**metrics, "call": call})  # (checkpoints from older releases have none)
             _report_with_checkpoint(report, rank, metrics, model.state_dict(), best_state, optimizer, scheduler, state, cfg)
             if done:
                 break
@@ -382,6 +388,7 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
               "max_len": cfg.model.max_len, "lr": cfg.train.lr, "batch_size": cfg.train.batch_size,
               "dropout": cfg.model.dropout, "norm_first": cfg.model.norm_first}
         tb.hparams(hp, {k: v for k, v in final.items() if k.startswith(("test_", "val_ndcg", "val_hr"))})
+        state.setdefault("history", []).append({**final, "call": call})
         _report_with_checkpoint(report, rank, final, last_state, best_state or last_state, optimizer, scheduler, state, cfg)
         return final
     finally:
