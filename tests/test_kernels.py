@@ -59,3 +59,23 @@ def test_dropout_module_is_reproducible_under_seed_and_rejects_bad_p():
     assert torch.equal(a, d(x))
     with pytest.raises(ValueError, match="dropout"):
         Dropout(1.0)
+
+
+def test_attention_dropout_path_is_masked_softmax_times_the_dropout_mask():
+    from rayrec.models.attention import AttnContext, SelfAttention, causal_mask
+
+    torch.manual_seed(0)
+    items = torch.tensor([[0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])
+    ctx = AttnContext(mask=causal_mask(items), keep=(items != 0).unsqueeze(-1).float())
+    layer = SelfAttention(8, 2, 0.3).train()
+    q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
+    torch.manual_seed(5)
+    got = layer._attend_with_dropout(q, k, v, ctx)
+    torch.manual_seed(5)
+    keep, scale = keep_mask(torch.Size([2, 2, 6, 6]), 0.3, torch.device("cpu"))
+    probs = torch.softmax((q @ k.transpose(-1, -2) / 2.0).masked_fill(~ctx.mask, float("-inf")), dim=-1)
+    torch.testing.assert_close(got, (probs * keep * scale) @ v)
+    assert not keep.all() and keep.any()
+    bias = ctx.bias  # built by the first layer, shared by the next
+    layer._attend_with_dropout(q, k, v, ctx)
+    assert ctx.bias is bias and torch.isinf(bias).sum() == (~ctx.mask).sum()
