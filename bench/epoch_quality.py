@@ -1,7 +1,7 @@
 """Quality per epoch: the SASRec paper config trained with every batch max_len wide and with
 length buckets (``train.bucket_by_length``), side by side on ``sasrec/ml-1m.txt.gz``.
 
-    python bench/epoch_quality.py [--epochs 20] [--eval-every 5] [--seeds 42 7] [--modes plain buckets buckets-step]
+    python bench/epoch_quality.py [--epochs 20] [--eval-every 5] [--seeds 42 7] [--modes plain buckets]
                                   [--reference LOG.json ...]
 
 Each run is ``configs/sasrec_ml1m.yaml`` through ``fit`` (Ray Train, 1 worker, 2 CPUs) for the same
@@ -37,8 +37,7 @@ FINAL = ("best_epoch", "test_ndcg_10", "test_sampled_ndcg_10", "test_hr_10")
 
 MODES = {  # how each mode builds its batches
     "plain": ["train.bucket_by_length=false"],
-    "buckets": ["train.bucket_by_length=true", "train.bucket_norm=epoch"],
-    "buckets-step": ["train.bucket_by_length=true", "train.bucket_norm=step"],
+    "buckets": ["train.bucket_by_length=true"],
 }
 
 

@@ -102,7 +102,6 @@ class TrainConfig:
     log_every: int = 50  # steps between TensorBoard train scalars
     max_steps_per_epoch: int = 0  # cap (for smoke runs); 0 = every training user once per epoch
     bucket_by_length: bool = False  # batches of similar history length, trimmed: less padding, same objective
-    bucket_norm: Literal["epoch", "step"] = "epoch"  # bucketed loss / epoch's mean targets per step, or / the step's own
     stage: Literal["pretrain", "sft"] = "pretrain"  # masked_diffusion objective: random masks, or final position(s) only
     init_from: str = ""  # run or checkpoint folder whose best weights start this run (fresh optimizer and epochs)
     sft_epochs: int = 0  # > 0: after pre-training, chain an SFT run (<name>_sft) from its best weights
