@@ -94,3 +94,11 @@ def test_unknown_axis_value_is_refused():
     object.__setattr__(cfg, "attention", "bogus")
     with pytest.raises(ConfigError, match="model.attention"):
         build_model(cfg, N)
+
+
+def test_item_and_position_embeddings_start_at_the_configured_scale():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(hidden=64, max_len=50, emb_init_std=0.05), 2000)
+    items, pos = m.item_emb.weight[1:].detach(), m.pos_emb.weight.detach()
+    assert (m.item_emb.weight[0] == 0).all()
+    assert items.std().item() == pytest.approx(0.05, rel=0.03) and pos.std().item() == pytest.approx(0.05, rel=0.1)

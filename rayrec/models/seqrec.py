@@ -29,7 +29,12 @@ class SeqRec(nn.Module):
         self.norm = nn.LayerNorm(d, eps=1e-8) if cfg.norm_first else nn.Identity()
         self.head = head
         self.scale = math.sqrt(di)
-        nn.init.normal_(self.item_emb.weight, std=1.0 / math.sqrt(di))
+        # small embeddings at init (GPT-2's 0.02): with unit-variance items (std 1/sqrt(di) before the
+        # sqrt(di) input scale) and N(0, 1) positions, the paper config sat on a plateau for ~11 epochs
+        # (sampled NDCG@10 0.24 at epoch 10 against 0.44 now; CE's full NDCG@10 0.079 against 0.134)
+        nn.init.normal_(self.item_emb.weight, std=cfg.emb_init_std)
+        if self.pos_emb is not None:
+            nn.init.normal_(self.pos_emb.weight, std=cfg.emb_init_std)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
