@@ -66,7 +66,7 @@ class ModelConfig:
     num_heads: int = 1
     dropout: float = 0.2
     norm_first: bool = True  # Pre-LN; False = Post-LN as in the original Transformer
-    emb_init_std: float = 0.02  # item and position embeddings at init (items enter scaled by sqrt(dim))
+    emb_init_std: float = 0.0  # item and position embeddings at init; 0 = by head (models/seqrec.py)
     num_negatives: int = 1  # bce/gbce/sampled_softmax/soft_bce: sampled negatives per positive (or per batch, shared)
     neg_sampler: Literal["uniform", "popularity"] = "uniform"  # popularity: ∝ training count, with log-Q correction
     shared_negatives: bool = False  # sampled_softmax: one set of k negatives for the whole batch
@@ -336,7 +336,7 @@ def validate(cfg: Config) -> Config:
         (m.hidden >= 1 and m.num_blocks >= 1 and m.num_heads >= 1, "model.hidden, num_blocks, num_heads must be >= 1"),
         (m.hidden % m.num_heads == 0, f"model.hidden ({m.hidden}) must be divisible by model.num_heads ({m.num_heads})"),
         (0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}"),
-        (m.emb_init_std > 0, f"model.emb_init_std must be > 0, got {m.emb_init_std}"),
+        (m.emb_init_std >= 0, f"model.emb_init_std must be >= 0 (0 = chosen by head), got {m.emb_init_std}"),
         (m.num_negatives >= 1, "model.num_negatives must be >= 1"),
         (0.0 <= m.gbce_t <= 1.0, f"model.gbce_t must be in [0, 1], got {m.gbce_t}"),
         (m.max_rating > 0, "model.max_rating must be > 0"),

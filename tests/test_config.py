@@ -37,7 +37,7 @@ def test_scientific_notation_is_a_number_in_overrides_and_yaml(tmp_path):
         (["bogus=1"], "unknown config key(s) ['bogus']"),
         (["model.head=softmax"], "choose one of ['bce', 'gbce', 'sampled_softmax', 'ce', 'mse', 'soft_bce', 'masked_diffusion']"),
         (["train.lr=fast"], "train.lr must be a number"),
-        (["model.emb_init_std=0"], "model.emb_init_std must be > 0"),
+        (["model.emb_init_std=-0.1"], "model.emb_init_std must be >= 0"),
         (["train.lr=-1"], "train.lr must be > 0"),
         (["model.hidden=50", "model.num_heads=3"], "divisible by model.num_heads"),
         (["eval.metric=test_ndcg_10"], "must be a validation metric"),

@@ -102,3 +102,13 @@ def test_item_and_position_embeddings_start_at_the_configured_scale():
     items, pos = m.item_emb.weight[1:].detach(), m.pos_emb.weight.detach()
     assert (m.item_emb.weight[0] == 0).all()
     assert items.std().item() == pytest.approx(0.05, rel=0.03) and pos.std().item() == pytest.approx(0.05, rel=0.1)
+
+
+def test_embedding_init_by_head_small_for_next_item_unit_variance_for_masked_items():
+    torch.manual_seed(0)
+    causal = build_model(ModelConfig(hidden=64, max_len=50), 2000)
+    masked = build_model(ModelConfig(hidden=64, max_len=50, attention="bidirectional", head="masked_diffusion"), 2000)
+    assert causal.item_emb.weight[1:].std().item() == pytest.approx(0.02, rel=0.03)
+    assert causal.pos_emb.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert masked.item_emb.weight[1:].std().item() == pytest.approx(1 / 8, rel=0.03)
+    assert masked.pos_emb.weight.std().item() == pytest.approx(1.0, rel=0.1)
