@@ -52,7 +52,7 @@ def train(mode: str, seed: int, epochs: int, every: int, src: Path, tmp: str) ->
     rows = [h for h in res.history if h.get("final") != 1]
     times = sorted(h["epoch_s"] for h in rows if math.isfinite(h.get("epoch_s", math.nan)))
     curve = {int(h["epoch"]): {k: round(h[k], 5) for k in CURVE} for h in rows
-             if math.isfinite(h.get("val_ndcg_10", math.nan))}  # the history frame has NaN where an epoch had no eval
+             if math.isfinite(h.get("val_ndcg_10", math.nan))}  # epochs without a validation pass have none
     final = {k: (round(res.metrics[k], 5) if isinstance(res.metrics.get(k), float) else res.metrics.get(k)) for k in FINAL}
     return {"run": f"{mode}/seed{seed}", "mode": mode, "seed": seed, "s_per_epoch": round(times[len(times) // 2], 3),
             "curve": curve, **final}

@@ -13,7 +13,7 @@ from rayrec.config import Config, ConfigError
 from rayrec.data.sequences import SequenceData, build_sequences
 from rayrec.ray_env import init_ray
 from rayrec.train import faults
-from rayrec.train.loop import LOCAL_REPORTS, train_loop
+from rayrec.train.loop import train_loop
 from rayrec.train.stages import chain_sft, check_init_from
 
 log = logging.getLogger("rayrec.train")
@@ -176,7 +176,7 @@ def _history(result) -> list[dict[str, Any]]:
         call = state["history"][-1].get("call") if state["history"] else None
         return [{k: v for k, v in h.items() if k != "call"} for h in state["history"] if h.get("call") == call]
     df = result.metrics_dataframe
-    return df.to_dict("records") if df is not None else list(LOCAL_REPORTS)
+    return df.to_dict("records") if df is not None else []
 
 
 def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
@@ -190,7 +190,6 @@ def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     (run_dir / "data_meta.json").write_text(json.dumps(data.meta, indent=2, default=str))
-    LOCAL_REPORTS.clear()
     try:
         result = trainer_for(cfg, data, callbacks=callbacks).fit()
         if result.error:

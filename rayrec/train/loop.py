@@ -203,11 +203,6 @@ def load_store(num_items: int, rank: int, world: int, shard=None, tables=None) -
     return SequenceStore.from_tables(tables, num_items, rank, world)
 
 
-# Local mode (scale.num_workers=0) runs the loop in fit()'s own process, and Ray Train keeps no
-# metrics history for it: fit() reads this fit call's reports from here instead.
-LOCAL_REPORTS: list[dict[str, Any]] = []
-
-
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point. ``config``: {"cfg": Config dict, "num_items": N, "num_users": U}."""
     import ray.train
@@ -228,8 +223,6 @@ def train_loop(config: dict[str, Any]) -> None:
         name = ckpt.dir_name(int(metrics.get("epoch", 0)), final=bool(metrics.get("final")))
         if folder and local:  # local mode does not persist checkpoints: keep them in the run folder
             folder = ckpt.persist(folder, cfg.run_dir, int(metrics.get("epoch", 0)), final=bool(metrics.get("final")))
-        if local:
-            LOCAL_REPORTS.append(dict(metrics))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if folder else None,
                          checkpoint_dir_name=name if folder else None)
 
@@ -368,7 +361,7 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
                 log.info("epoch %d/%d loss %.4f %.1f seq/s %s", epoch + 1, cfg.train.epochs, metrics["train_loss"],
                          metrics["seq_per_s"], {k: round(v, 4) for k, v in last_val.items() if k == metric})
             tb.flush()
-            state.setdefault("history", []).append({**metrics, "call": call})  # (checkpoints from older releases have none)
+            state["history"].append({**metrics, "call": call})  # (a resumed older checkpoint keeps the [] above)
             _report_with_checkpoint(report, rank, metrics, model.state_dict(), best_state, optimizer, scheduler, state, cfg)
             if done:
                 break
@@ -388,7 +381,7 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
               "max_len": cfg.model.max_len, "lr": cfg.train.lr, "batch_size": cfg.train.batch_size,
               "dropout": cfg.model.dropout, "norm_first": cfg.model.norm_first}
         tb.hparams(hp, {k: v for k, v in final.items() if k.startswith(("test_", "val_ndcg", "val_hr"))})
-        state.setdefault("history", []).append({**final, "call": call})
+        state["history"].append({**final, "call": call})
         _report_with_checkpoint(report, rank, final, last_state, best_state or last_state, optimizer, scheduler, state, cfg)
         return final
     finally:
