@@ -174,7 +174,8 @@ def test_asha_sweep_finishes_and_stops_a_trial_early(asha_sweep):
     assert (table["config/model.dropout"] == 0.15).all()  # a fixed key reaches every trial
     assert (table["status"] == "stopped").sum() >= 1, table[["trial", "status", "epochs"]]
     stopped = table[table["status"] == "stopped"]
-    assert (stopped["epochs"] < 4).all()
+    # rungs at passes 1 and 2 only: a trial that reached its last pass (4) is never stopped there
+    assert (stopped["epochs"] <= 2).all(), table[["trial", "status", "epochs"]]
     done = table[table["status"] == "completed"]
     assert len(done) >= 1 and (done["epochs"] == 4).all() and done["test_ndcg_10"].notna().all()
     # sorted best first; the best trial is the big learning rate, far above the tiny ones

@@ -179,6 +179,26 @@ def _history(result) -> list[dict[str, Any]]:
     return df.to_dict("records") if df is not None else []
 
 
+def _prune_unregistered(run_dir: Path, result) -> None:
+    """Delete checkpoint folders older than every one Ray kept: written by a worker whose report Ray
+    lost when the worker group failed (RAY_NOTES.md), so ``CheckpointConfig(num_to_keep)`` never saw
+    them. ``resume_source`` may have resumed from one; once the run has finished they are stale."""
+    import shutil
+
+    from rayrec.train import checkpoint as ckpt
+
+    here = run_dir.resolve()
+    kept = {Path(c.path).name for c, _ in (result.best_checkpoints or []) if Path(c.path).resolve().parent == here}
+    if not kept:  # storage elsewhere (remote, or a different storage_path): nothing here is Ray's to count
+        return
+    stale = [p for p in ckpt.candidates(run_dir) if p.name not in kept and p.name < min(kept)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    if stale:
+        log.info("removed %d checkpoint folder(s) older than the %d Ray kept, left by a restarted worker group: %s",
+                 len(stale), len(kept), ", ".join(p.name for p in stale))
+
+
 def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
     """Train one config; ``callbacks`` are Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
     _check_run_dir(cfg)  # before starting Ray: a refused run costs nothing
@@ -199,6 +219,7 @@ def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
         if capacity is None:
             raise
         raise capacity from e
+    _prune_unregistered(run_dir, result)
     metrics = dict(result.metrics or {})
     ck = result.checkpoint.path if result.checkpoint else None
     (run_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))

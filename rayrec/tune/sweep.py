@@ -129,10 +129,13 @@ def _tuner_config(cfg: Config, params: list[Param]):
     metric = tune_metric(cfg)
     scheduler = FIFOScheduler()
     if t.scheduler == "asha":
-        # one Tune result per validation pass plus the final report (best-on-validation + test)
-        max_t = -(-cfg.train.epochs // cfg.train.eval_every) + 1
+        # one Tune result per validation pass, then the final report (best-on-validation + test). Rungs
+        # (grace * rf^k <= max_t) sit only on passes before the last: a trial that reached its last
+        # pass has spent its training and always gets tested. stop_last_trials=False: the final
+        # report, not max_t, ends a trial.
+        max_t = max(1, -(-cfg.train.epochs // cfg.train.eval_every) - 1)
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(t.grace_period, max_t),
-                                  reduction_factor=t.reduction_factor)
+                                  reduction_factor=t.reduction_factor, stop_last_trials=False)
     search_alg = None
     if search_alg_name(cfg, params) == "optuna":
         import optuna
