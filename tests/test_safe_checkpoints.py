@@ -279,9 +279,9 @@ def test_run_folder_policy(tmp_path):
         _check_run_dir(load_config(None, base))
 
 
-def test_checkpoints_older_than_all_ray_kept_are_pruned_after_a_run(tmp_path, caplog):
-    # a restart resumed from checkpoint_000001 on disk because Ray lost its report with the failed
-    # worker group: Ray's num_to_keep never counted it, so fit() removes it once the run is done
+def test_checkpoints_ray_never_registered_are_pruned_after_a_run(tmp_path, caplog):
+    # restarts resumed from checkpoint folders on disk whose reports Ray lost with the failed worker
+    # group (1, and 3 between kept ones): num_to_keep never counted them, so fit() removes them at the end
     from types import SimpleNamespace
 
     from ray.train import Checkpoint
@@ -289,14 +289,15 @@ def test_checkpoints_older_than_all_ray_kept_are_pruned_after_a_run(tmp_path, ca
     from rayrec.train.fit import _prune_unregistered
 
     run = tmp_path / "run"
-    folders = {e: _save(run / ckpt.dir_name(e), e) for e in (1, 2, 3)}
-    final = _save(run / ckpt.dir_name(3, final=True), 3)
+    folders = {e: _save(run / ckpt.dir_name(e), e) for e in (1, 2, 3, 4)}
+    final = _save(run / ckpt.dir_name(4, final=True), 4)
     elsewhere = _save(tmp_path / "other" / ckpt.dir_name(9), 9)
-    kept = [(Checkpoint.from_directory(str(p)), {}) for p in (folders[2], folders[3], final)]
+    kept = [(Checkpoint.from_directory(str(p)), {}) for p in (folders[2], folders[4], final)]
     with caplog.at_level(logging.INFO, logger="rayrec.train"):
         _prune_unregistered(run, SimpleNamespace(best_checkpoints=kept))
-    assert [p.name for p in ckpt.candidates(run)] == [final.name, folders[3].name, folders[2].name]
-    assert "removed 1 checkpoint folder(s)" in caplog.text and ckpt.dir_name(1) in caplog.text
+    assert [p.name for p in ckpt.candidates(run)] == [final.name, folders[4].name, folders[2].name]
+    assert "removed 2 checkpoint folder(s)" in caplog.text
+    assert ckpt.dir_name(1) in caplog.text and ckpt.dir_name(3) in caplog.text
     # Ray kept nothing in this folder (storage elsewhere): nothing here is touched
     _prune_unregistered(run, SimpleNamespace(best_checkpoints=[(Checkpoint.from_directory(str(elsewhere)), {})]))
     _prune_unregistered(run, SimpleNamespace(best_checkpoints=[]))

@@ -180,9 +180,10 @@ def _history(result) -> list[dict[str, Any]]:
 
 
 def _prune_unregistered(run_dir: Path, result) -> None:
-    """Delete checkpoint folders older than every one Ray kept: written by a worker whose report Ray
-    lost when the worker group failed (RAY_NOTES.md), so ``CheckpointConfig(num_to_keep)`` never saw
-    them. ``resume_source`` may have resumed from one; once the run has finished they are stale."""
+    """Delete the run folder's checkpoint folders that Ray does not hold: written by a worker whose
+    report Ray lost when the worker group failed (RAY_NOTES.md), so ``CheckpointConfig(num_to_keep)``
+    never counted them. ``resume_source`` may have resumed from one; once the run has finished, what
+    Ray kept (the newest ``num_to_keep``, the final one among them) is the run's checkpoint set."""
     import shutil
 
     from rayrec.train import checkpoint as ckpt
@@ -191,11 +192,12 @@ def _prune_unregistered(run_dir: Path, result) -> None:
     kept = {Path(c.path).name for c, _ in (result.best_checkpoints or []) if Path(c.path).resolve().parent == here}
     if not kept:  # storage elsewhere (remote, or a different storage_path): nothing here is Ray's to count
         return
-    stale = [p for p in ckpt.candidates(run_dir) if p.name not in kept and p.name < min(kept)]
+    stale = [p for p in ckpt.candidates(run_dir) if p.name not in kept]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     if stale:
-        log.info("removed %d checkpoint folder(s) older than the %d Ray kept, left by a restarted worker group: %s",
+        log.info("removed %d checkpoint folder(s) Ray never registered (beside the %d it kept), left by a restarted "
+                 "worker group: %s",
                  len(stale), len(kept), ", ".join(p.name for p in stale))
 
 
