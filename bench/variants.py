@@ -29,6 +29,7 @@ VARIANTS = [
     ("esasrec_ml1m_ts", "ml-1m-ts"),
     ("tisasrec_ml1m_ts", "ml-1m-ts"),
     ("sasrec_mhc_ml1m_ts", "ml-1m-ts"),
+    ("sasrec_wide_ml1m_ts", "ml-1m-ts"),  # plain SASRec at mHC's parameter count
     ("tisasrec_mhc_ml1m_ts", "ml-1m-ts"),
     ("ssept_ml1m_ts", "ml-1m-ts"),
 ]
