@@ -133,6 +133,22 @@ def test_a_local_sweep_cluster_finds_itself_beside_another_ray(ray_cluster, tmp_
     assert "RESULT True False" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize("epochs, every, rungs", [(4, 1, [2, 1]), (20, 1, [16, 8, 4, 2, 1]), (20, 4, [4, 2, 1]),
+                                                  (2, 1, [1]), (1, 1, None), (3, 4, None)])
+def test_asha_rungs_sit_only_on_validation_passes_before_the_last(epochs, every, rungs, caplog):
+    from ray.tune.schedulers import ASHAScheduler
+
+    from rayrec.tune.sweep import _tuner_config
+
+    cfg = load_config(None, [f"train.epochs={epochs}", f"train.eval_every={every}", "tune.scheduler=asha",
+                             "tune.space={train.lr: {grid: [0.001, 0.01]}}"])
+    scheduler = _tuner_config(cfg, []).scheduler
+    if rungs is None:  # one pass: nothing before the last to stop at
+        assert not isinstance(scheduler, ASHAScheduler) and "no pass before the last" in caplog.text
+    else:
+        assert [r for r, _ in scheduler._brackets[0]._rungs] == rungs
+
+
 def test_concurrency_leaves_a_cpu_for_each_starting_trials_data_read(monkeypatch, caplog):
     import ray
 

@@ -190,15 +190,17 @@ def _prune_unregistered(run_dir: Path, result) -> None:
 
     here = run_dir.resolve()
     kept = {Path(c.path).name for c, _ in (result.best_checkpoints or []) if Path(c.path).resolve().parent == here}
-    if not kept:  # storage elsewhere (remote, or a different storage_path): nothing here is Ray's to count
+    if not kept:  # local mode, or storage elsewhere (remote, another storage_path): nothing here is Ray's
         return
     stale = [p for p in ckpt.candidates(run_dir) if p.name not in kept]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
-    if stale:
-        log.info("removed %d checkpoint folder(s) Ray never registered (beside the %d it kept), left by a restarted "
-                 "worker group: %s",
-                 len(stale), len(kept), ", ".join(p.name for p in stale))
+    gone = [p.name for p in stale if not p.exists()]
+    if gone:
+        log.info("removed %d checkpoint folder(s) Ray never registered (beside the %d it kept), left by a "
+                 "restarted worker group: %s", len(gone), len(kept), ", ".join(gone))
+    if len(gone) < len(stale):
+        log.warning("could not remove %s; delete by hand", ", ".join(p.name for p in stale if p.exists()))
 
 
 def fit(cfg: Config, callbacks: list | None = None) -> FitResult:

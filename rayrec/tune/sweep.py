@@ -128,12 +128,16 @@ def _tuner_config(cfg: Config, params: list[Param]):
     t = cfg.tune
     metric = tune_metric(cfg)
     scheduler = FIFOScheduler()
-    if t.scheduler == "asha":
+    passes = -(-cfg.train.epochs // cfg.train.eval_every)
+    if t.scheduler == "asha" and passes < 2:
+        log.warning("tune.scheduler=asha: %d validation pass(es) per trial leave no pass before the last to "
+                    "stop at; running every trial to the end (raise train.epochs or lower train.eval_every)", passes)
+    elif t.scheduler == "asha":
         # one Tune result per validation pass, then the final report (best-on-validation + test). Rungs
         # (grace * rf^k <= max_t) sit only on passes before the last: a trial that reached its last
         # pass has spent its training and always gets tested. stop_last_trials=False: the final
         # report, not max_t, ends a trial.
-        max_t = max(1, -(-cfg.train.epochs // cfg.train.eval_every) - 1)
+        max_t = passes - 1
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(t.grace_period, max_t),
                                   reduction_factor=t.reduction_factor, stop_last_trials=False)
     search_alg = None
