@@ -154,7 +154,11 @@ def ray_train(overrides: list[str], workers: int, tmp: str) -> dict:
     t0 = time.time()
     res = fit(cfg)
     h = [r for r in res.history if r.get("final") != 1 and "epoch_s" in r and r["epoch_s"] == r["epoch_s"]]
-    return {"s_per_epoch": h[-1]["epoch_s"], "seq_per_s": h[-1]["seq_per_s"], "first_step_s": h[0]["first_step_unix"] - t0}
+    out = {"s_per_epoch": h[-1]["epoch_s"], "seq_per_s": h[-1]["seq_per_s"], "first_step_s": h[0]["first_step_unix"] - t0}
+    # where the time to the first step went: the driver (data cache, Ray Dataset), then the worker's own marks
+    out["startup_driver_s"] = out["first_step_s"] - h[0]["first_step_s"]
+    out.update({k: h[0][k] for k in ("startup_worker_s", "startup_data_s", "startup_model_s")})
+    return out
 
 
 def main(argv=None) -> None:

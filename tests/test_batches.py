@@ -3,7 +3,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from rayrec.data.batches import SequenceStore, eval_batch, sample_negatives, train_batch
+from rayrec.data.batches import SequenceStore, eval_batch, sample_negatives, sorted_unique, train_batch
 
 
 def _table(seqs):
@@ -149,3 +149,9 @@ def test_a_bucketed_step_is_normalised_by_the_epochs_mean_targets_not_its_own():
     assert plain.abs().sum() > 0
     torch.testing.assert_close(delta(count), plain)  # the mean equals the step's own count: the same step
     torch.testing.assert_close(delta(2 * count), plain / 2)  # a step with half the mean's targets weighs half
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 5000])
+def test_sorted_unique_equals_numpy_unique(n):
+    a = np.random.default_rng(n).integers(-20, 60, n).astype(np.int64)
+    assert np.array_equal(sorted_unique(a), np.unique(a))

@@ -42,6 +42,12 @@ def test_sasrec_beats_most_popular_under_2_worker_ddp(ray_cluster, synthetic_log
     # every epoch's report, not only those of the 3 checkpoints Ray retains
     assert [h["epoch"] for h in res.history if "train_loss" in h] == list(range(1, 9))
     assert res.history[-1]["test_ndcg_10"] == res.metrics["test_ndcg_10"]
+    # the first epoch says where the time before the first step went, and only the first
+    first = res.history[0]
+    parts = [first[k] for k in ("startup_worker_s", "startup_data_s", "startup_model_s")]
+    assert all(p >= 0 for p in parts) and sum(parts) == pytest.approx(first["first_step_s"])
+    assert 0 < first["first_step_s"] < 300
+    assert not any("first_step_s" in h for h in res.history[1:])
 
 
 def test_small_sequences_are_put_whole_and_large_ones_read_by_ray_data_with_the_same_rows(ray_cluster, synthetic_log,

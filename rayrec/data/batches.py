@@ -111,7 +111,15 @@ class SequenceStore:
         if self.eval_negatives is not None:
             r = np.repeat(np.arange(len(self.user_idx), dtype=np.int64), self.eval_negatives.shape[1])
             keys.append(r * stride + self.eval_negatives.ravel())
-        return np.unique(np.concatenate(keys))
+        return sorted_unique(np.concatenate(keys))
+
+
+def sorted_unique(a: np.ndarray) -> np.ndarray:
+    """``np.unique(a)`` of a flat integer array. NumPy 2.3+ answers a plain ``np.unique`` with a
+    hash table and then sorts it: on ML-1M's 1.6M forbidden keys that took 1.0 s of every worker's
+    start, against 17 ms for a sort and a neighbour mask."""
+    s = np.sort(a, axis=None)
+    return s[np.r_[True, s[1:] != s[:-1]]] if s.size else s
 
 
 def gather_windows(flat: np.ndarray, start: np.ndarray, end: np.ndarray, max_len: int, pad=0) -> np.ndarray:

@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayrec.config import DataConfig
-from rayrec.data.batches import SPLIT_COLUMNS
+from rayrec.data.batches import SPLIT_COLUMNS, sorted_unique
 from rayrec.data.filters import Counts, apply_filters, row_mask, scan
 from rayrec.data.log import DataError, ReadUnit, fingerprint, ignored_files, list_files, plan, read_unit, resolve
 from rayrec.data.split import SplitSpec, block_keep, exact_quantile, positions
@@ -199,7 +199,7 @@ def eval_negatives(user_idx: np.ndarray, offsets: np.ndarray, items: np.ndarray,
     n = len(user_idx)
     lengths = np.diff(offsets)
     rows = np.repeat(np.arange(n, dtype=np.int64), lengths)
-    hist = np.unique(rows * (num_items + 1) + items)
+    hist = sorted_unique(rows * (num_items + 1) + items)
     seen = np.bincount(hist // (num_items + 1), minlength=n)
     short = np.flatnonzero(num_items - seen < k)
     if short.size:

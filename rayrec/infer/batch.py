@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from rayrec.data.batches import sorted_unique
 from rayrec.data.log import DataError
 
 log = logging.getLogger("rayrec.infer")
@@ -46,7 +47,7 @@ def expected_rows(batch: pa.Table, num_items: int, k: int, exclude_seen: bool) -
     items = batch["items"].combine_chunks()
     lengths = np.diff(items.offsets.to_numpy())
     rows = np.repeat(np.arange(n, dtype=np.int64), lengths)
-    distinct = np.bincount(np.unique(rows * (num_items + 1) + items.flatten().to_numpy()) // (num_items + 1), minlength=n)
+    distinct = np.bincount(sorted_unique(rows * (num_items + 1) + items.flatten().to_numpy()) // (num_items + 1), minlength=n)
     return {"rows": np.array([np.minimum(k, num_items - distinct).sum()], dtype=np.int64)}
 
 

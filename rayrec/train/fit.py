@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,10 @@ def sequences_dataset(path: str, small_bytes: int = SMALL_SEQUENCES_BYTES):
     blocks, so feeding them needs no free CPU (a 2-CPU node fully given to workers otherwise hangs
     waiting for read tasks; RAY_NOTES.md).
 
-    Small local sequences are read here and put as one Arrow table: no read task means no Ray Data
+    Small local sequences are read here and put as one Arrow block: no read task means no Ray Data
     worker to start and import, which was most of the 1-3 s this step took before a run's first
-    training step. Larger or remote ones are read by Ray Data tasks that ask for no CPU (in a Tune
+    training step. ``from_blocks``, not ``from_arrow``: the latter computes the block's metadata in
+    a remote task, which after a run needs a fresh worker process (1.1 s of each warm start here). Larger or remote ones are read by Ray Data tasks that ask for no CPU (in a Tune
     sweep the trials can hold every CPU; Parquet sampling still takes 1: tune/sweep.py caps
     concurrency for it)."""
     import pyarrow.parquet as pq
@@ -79,7 +81,7 @@ def sequences_dataset(path: str, small_bytes: int = SMALL_SEQUENCES_BYTES):
     if "://" not in path and local.is_dir():
         files = [f for f in local.rglob("*.parquet") if not f.name.startswith(("_", "."))]
         if files and sum(f.stat().st_size for f in files) <= small_bytes:
-            return ray.data.from_arrow(pq.read_table(path))
+            return ray.data.from_blocks([pq.read_table(path)])
     return ray.data.read_parquet(path, num_cpus=0).materialize()
 
 
@@ -96,7 +98,8 @@ def trainer_for(cfg: Config, data: SequenceData, callbacks: list | None = None):
         train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "num_items": data.num_items, "num_users": data.num_users,
                            "fault": faults.from_env(),  # test-only fault injection (rayrec/train/faults.py)
-                           "call": uuid.uuid4().hex},  # tags this call's reports in the run's history
+                           "call": uuid.uuid4().hex,  # tags this call's reports in the run's history
+                           "submitted_unix": time.time()},  # start of the time-to-first-step the worker reports
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker} if s.num_workers else None),
         torch_config=TorchConfig(backend=backend, timeout_s=s.timeout_s),

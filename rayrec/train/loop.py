@@ -197,6 +197,15 @@ def prefetch(batches, depth: int = 2):
         stop.set()
 
 
+def startup_breakdown(marks: dict[str, float], first_step_unix: float) -> dict[str, float]:
+    """Seconds from the trainer's creation to the first optimizer step, split where it goes: Ray
+    starting the controller and worker processes and importing torch (worker), reading this rank's
+    shard (data), building the model and taking the step (model). Wall clocks of one host, or of
+    NTP-synchronised hosts: the worker span is approximate across machines."""
+    return {"startup_worker_s": marks["entered"] - marks["submitted"], "startup_data_s": marks["store"] - marks["entered"],
+            "startup_model_s": first_step_unix - marks["store"], "first_step_s": first_step_unix - marks["submitted"]}
+
+
 def load_store(num_items: int, rank: int, world: int, shard=None, tables=None) -> SequenceStore:
     if tables is None:
         tables = shard.iter_batches(batch_format="pyarrow", batch_size=None)
@@ -207,12 +216,14 @@ def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point. ``config``: {"cfg": Config dict, "num_items": N, "num_users": U}."""
     import ray.train
 
+    entered = time.time()
     cfg = config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.scale.use_gpu else torch.device("cpu")
     torch.set_num_threads(cfg.scale.threads_per_worker or max(1, int(cfg.scale.cpus_per_worker)))
     store = load_store(config["num_items"], rank, world, shard=ray.train.get_dataset_shard("sequences"))
+    startup = {"submitted": config.get("submitted_unix", entered), "entered": entered, "store": time.time()}
     local = cfg.scale.num_workers == 0
     resume_dir = resume_source(ray.train.get_checkpoint(), cfg)
 
@@ -229,7 +240,7 @@ def train_loop(config: dict[str, Any]) -> None:
     progress = faults.Progress(rank, world)
     try:
         run(cfg, store, config["num_users"], rank, world, device, report, resume_dir=resume_dir,
-            fault=config.get("fault"), progress=progress, call=config.get("call", ""))
+            fault=config.get("fault"), progress=progress, call=config.get("call", ""), startup=startup)
     except RuntimeError as e:
         named = progress.explain(e, cfg.scale.timeout_s)
         if named is None:
@@ -268,13 +279,16 @@ def resume_source(checkpoint, cfg: Config) -> str | None:
 
 def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int, device, report,
         resume_dir: str | None = None, fault: str | None = None, progress: faults.Progress | None = None,
-        call: str = "") -> dict[str, float]:
+        call: str = "", startup: dict[str, float] | None = None) -> dict[str, float]:
     """Train, validate, keep the best-on-validation weights, then test them. Returns final metrics.
 
     Every report is also kept in ``state["history"]``, tagged with ``call`` (one ``fit()`` call):
     it travels in each checkpoint's state.json, so a resumed worker continues it and ``fit()`` reads
     the whole list from the final checkpoint (Ray's ``metrics_dataframe`` keeps only the reports
-    of the checkpoints it retains, three of them)."""
+    of the checkpoints it retains, three of them).
+
+    ``startup`` holds wall-clock marks of this call (trainer built, worker entered, data loaded): the
+    first epoch reports where the time before the first step went."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     # quantizers before the checkpoint, DDP and the optimizer: their parameters must exist for all three
@@ -297,6 +311,8 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
         state.update(ckpt.load_state(resume_dir))
         state["resumed_at_epochs"] = [*state.get("resumed_at_epochs", []), state["epoch"]]  # audit trail
         log.info("rank %d resumed from %s at epoch %d", rank, resume_dir, state["epoch"])
+    if any(h.get("call") == call for h in state["history"]):
+        startup = None  # a restarted worker group of this call: its wait since the trainer's creation is not start-up
     ddp = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -343,6 +359,9 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
             metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_steps),
                        "seq_per_s": n_steps * per_rank * world / dt, "epoch_s": dt, "lr": scheduler.get_last_lr()[0],
                        "first_step_unix": first_step_unix or math.nan}
+            if startup is not None and first_step_unix is not None:
+                metrics.update(startup_breakdown(startup, first_step_unix))
+                startup = None  # once per call
             state["epoch"] = epoch + 1
             done = epoch + 1 == cfg.train.epochs
             if (epoch + 1) % cfg.train.eval_every == 0 or done:
