@@ -71,9 +71,10 @@ def sequences_dataset(path: str, small_bytes: int = SMALL_SEQUENCES_BYTES):
     Small local sequences are read here and put as one Arrow block: no read task means no Ray Data
     worker to start and import, which was most of the 1-3 s this step took before a run's first
     training step. ``from_blocks``, not ``from_arrow``: the latter computes the block's metadata in
-    a remote task, which after a run needs a fresh worker process (1.1 s of each warm start here). Larger or remote ones are read by Ray Data tasks that ask for no CPU (in a Tune
-    sweep the trials can hold every CPU; Parquet sampling still takes 1: tune/sweep.py caps
-    concurrency for it)."""
+    a remote task, which after a run needs a fresh worker process (1.1 s of each warm start here).
+    Larger or remote ones are read by Ray Data tasks that ask for no CPU (in a Tune sweep the
+    trials can hold every CPU; Parquet sampling still takes 1: tune/sweep.py caps concurrency
+    for it)."""
     import pyarrow.parquet as pq
     import ray.data
 
