@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rayrec.models.dropout import Dropout, dropout, keep_mask
+from rayrec.models.dropout import Dropout, dropout, keep_mask, random_bytes
 from rayrec.models.softmax_ce import softmax_ce_sum
 
 
@@ -45,9 +45,11 @@ def test_dropout_mask_bytes_are_uniform():
     keep, _ = keep_mask(torch.Size([300_001]), 0.5, torch.device("cpu"))  # odd size: a partial last word
     assert keep.shape == (300_001,)
     assert keep.float().mean().item() == pytest.approx(0.5, abs=0.005)
-    # no position in the 7-byte group is stuck (a wrong byte slice would make one always 0)
-    groups = keep[: 300_001 // 7 * 7].view(-1, 7).float().mean(0)
+    # no byte of the 8 in a 64-bit word is stuck (int64's sign byte would be, drawn from [0, 2^63))
+    groups = keep[: 300_001 // 8 * 8].view(-1, 8).float().mean(0)
     assert ((groups - 0.5).abs() < 0.02).all()
+    b = random_bytes(80_000, torch.device("cpu")).view(-1, 8).float()
+    assert ((b.mean(0) - 127.5).abs() < 2.0).all() and b.max() == 255 and b.min() == 0
 
 
 def test_dropout_module_is_reproducible_under_seed_and_rejects_bad_p():
@@ -68,14 +70,27 @@ def test_attention_dropout_path_is_masked_softmax_times_the_dropout_mask():
     items = torch.tensor([[0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])
     ctx = AttnContext(mask=causal_mask(items), keep=(items != 0).unsqueeze(-1).float())
     layer = SelfAttention(8, 2, 0.3).train()
-    q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
+    x = torch.randn(2, 6, 8, requires_grad=True)
     torch.manual_seed(5)
-    got = layer._attend_with_dropout(q, k, v, ctx)
+    got = layer(x, ctx)  # the per-head CPU dropout path
+    got.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, layer.qkv.weight, layer.out.weight)]
+
+    # the definition: heads from one projection, masked softmax, each head's (B, T, T) mask drawn in turn
+    for t in (x, layer.qkv.weight, layer.out.weight):
+        t.grad = None
     torch.manual_seed(5)
-    keep, scale = keep_mask(torch.Size([2, 2, 6, 6]), 0.3, torch.device("cpu"))
+    q, k, v = (t.view(2, 6, 2, 4).transpose(1, 2) for t in layer.qkv(x).split(8, dim=-1))  # (B, H, T, Dh)
     probs = torch.softmax((q @ k.transpose(-1, -2) / 2.0).masked_fill(~ctx.mask, float("-inf")), dim=-1)
-    torch.testing.assert_close(got, (probs * keep * scale) @ v)
+    masks = [keep_mask(torch.Size([2, 6, 6]), 0.3, torch.device("cpu")) for _ in range(2)]
+    keep = torch.stack([m for m, _ in masks], dim=1)  # (B, H, T, T)
+    scale = masks[0][1]
+    want = layer.out(((probs * keep * scale) @ v).transpose(1, 2).reshape(2, 6, 8))
+    torch.testing.assert_close(got, want)
+    want.square().sum().backward()
+    for g, t in zip(grads, (x, layer.qkv.weight, layer.out.weight)):
+        torch.testing.assert_close(g, t.grad)
     assert not keep.all() and keep.any()
     bias = ctx.bias  # built by the first layer, shared by the next
-    layer._attend_with_dropout(q, k, v, ctx)
+    layer(x, ctx)
     assert ctx.bias is bias and torch.isinf(bias).sum() == (~ctx.mask).sum()

@@ -60,25 +60,35 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         B, T, D = x.shape
-        q, k, v = (self.split_heads(t) for t in self.qkv(x).split(D, dim=-1))  # 3 x (B, H, T, Dh)
+        qkv = self.qkv(x)  # (B, T, 3D)
         if self.training and self.dropout > 0 and x.device.type == "cpu":
-            y = self._attend_with_dropout(q, k, v, ctx)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, dropout_p=self.dropout if self.training else 0.0)
+            parts = qkv.view(B, T, 3 * self.heads, D // self.heads).unbind(2)  # 3H x (B, T, Dh) views
+            H = self.heads
+            return self.out(self._attend_with_dropout(parts[:H], parts[H:2 * H], parts[2 * H:], ctx))
+        q, k, v = (self.split_heads(t) for t in qkv.split(D, dim=-1))  # 3 x (B, H, T, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
-    def _attend_with_dropout(self, q, k, v, ctx: AttnContext):
-        # SDPA's CPU dropout path draws the (B, H, T, T) mask with bernoulli_, the slowest op of a step.
-        # baddbmm computes bias + scale * q k^T in one pass over the (B*H, T, T) scores; the bias is
-        # built by the first layer and shared by the others (2% of a paper-config step). Zeroing
-        # the dropped probabilities with masked_fill and scaling the smaller output was 4% slower.
-        B, H, T, Dh = q.shape
+    def _attend_with_dropout(self, qs, ks, vs, ctx: AttnContext) -> torch.Tensor:
+        """Per-head (B, T, Dh) q, k, v -> (B, T, H * Dh).
+
+        SDPA's CPU dropout path draws the (B, H, T, T) mask with bernoulli_, the slowest op of a step.
+        Heads go one at a time: each head's slice of the projection is a strided matrix that bmm
+        reads in place, so q, k and v are never copied into (B * H, T, Dh), the (B, T, T) bias is
+        not expanded per head, and unbind's backward assembles the projection's gradient once (with
+        2 heads those copies were a fifth of the large config's step). baddbmm computes bias +
+        scale * q k^T in one pass over the scores; the bias is built by the first layer and shared.
+        """
+        q0 = qs[0]
         if ctx.bias is None:
-            ctx.bias = torch.zeros(ctx.mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~ctx.mask, float("-inf"))
-        bias = ctx.bias.expand(B, H, T, T).reshape(B * H, T, T)
-        scores = torch.baddbmm(bias, q.reshape(B * H, T, Dh), k.reshape(B * H, T, Dh).transpose(1, 2), alpha=Dh ** -0.5)
-        probs = torch.softmax(scores, dim=-1).view(B, H, T, T)
-        return dropout(probs, self.dropout, True) @ v  # (B, H, T, Dh)
+            ctx.bias = torch.zeros(ctx.mask.shape, dtype=q0.dtype, device=q0.device).masked_fill_(~ctx.mask, float("-inf"))
+        bias = ctx.bias[:, 0]  # (B, T, T)
+        heads = []
+        for q, k, v in zip(qs, ks, vs):
+            scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=q.shape[-1] ** -0.5)
+            probs = dropout(torch.softmax(scores, dim=-1), self.dropout, True)
+            heads.append(torch.bmm(probs, v))  # (B, T, Dh)
+        return heads[0] if len(heads) == 1 else torch.cat(heads, dim=-1)
 
 
 @dataclass(frozen=True)

@@ -2,27 +2,33 @@
 
 On CPU, ``F.dropout`` draws one 32-bit random number per element through ``bernoulli_``; for
 SASRec at max_len 200 that was ~25-38% of a whole training step (the attention probabilities alone
-are B x T x T). Here one 64-bit draw yields 7 random bytes and the mask is ``byte >= round(256 p)``:
+are B x T x T). Here one 64-bit draw yields 8 random bytes and the mask is ``byte >= round(256 p)``:
 the drop probability is quantised to 1/256 (0.2 -> 0.1992) and survivors are scaled by the exact
 inverse keep rate, so the expectation is unchanged. On other devices the fused kernel is used.
 """
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_LOW_BYTES = slice(0, 7) if sys.byteorder == "little" else slice(1, 8)  # the 7 uniform bytes of [0, 2^56)
+
+def random_bytes(n: int, device: torch.device) -> torch.Tensor:
+    """n independent uniform bytes (uint8).
+
+    ``random_`` over the whole int64 range has a fast path that fills each word with 64 random
+    bits; a bounded range such as [0, 2^56) is 4.5x slower per word, and taking 7 of 8 bytes
+    needed a strided copy.
+    """
+    words = torch.empty((n + 7) // 8, dtype=torch.int64, device=device).random_(-(1 << 63), None)
+    return words.view(torch.uint8)[:n]
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
     """(bool mask of kept elements, scale for survivors)."""
-    n = math.prod(shape)
-    words = torch.empty((n + 6) // 7, dtype=torch.int64, device=device).random_(0, 1 << 56)
-    rand = words.view(torch.uint8).view(-1, 8)[:, _LOW_BYTES].reshape(-1)[:n].view(shape)
+    rand = random_bytes(math.prod(shape), device).view(shape)
     threshold = round(p * 256)
     return rand >= threshold, 256.0 / (256 - threshold)
 

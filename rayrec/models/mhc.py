@@ -89,7 +89,8 @@ class MHCResidual(nn.Module):
     """n residual streams mixed by doubly stochastic H_res (see the module docstring).
 
     With n = 1 and the gates at 0 (``MHCResidual.off``) every H is exactly 1 and each step is
-    exactly PlainResidual's Pre-LN ``(x + f(x)) * keep``; expand and reduce are identities.
+    exactly PlainResidual's Pre-LN ``x + f(x)`` at real positions (padding is zeroed here);
+    expand and reduce are identities.
     """
 
     def __init__(self, cfg, d: int, num_sublayers: int, streams: int | None = None):

@@ -23,7 +23,10 @@ class PlainResidual(nn.Module):
         return x
 
     def connect(self, i: int, x: torch.Tensor, sublayer: nn.Module, ctx: AttnContext) -> torch.Tensor:
-        return sublayer.post_norm(x + sublayer(x, ctx)) * ctx.keep  # (B, T, D)
+        # Padding rows are not zeroed here: no real position reads them (attention masks padded
+        # keys, everything else is per position) and the model zeroes them once at its output.
+        # Zeroing after every sub-layer was a full pass forward and backward each time.
+        return sublayer.post_norm(x + sublayer(x, ctx))  # (B, T, D)
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
