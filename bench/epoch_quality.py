@@ -1,12 +1,14 @@
-"""Quality per epoch: the SASRec paper config trained with every batch max_len wide and with
-length buckets (``train.bucket_by_length``), side by side on ``sasrec/ml-1m.txt.gz``.
+"""Quality per epoch: the SASRec paper config trained with every batch max_len wide, with length
+buckets (``train.bucket_by_length``) and with buckets on 2 Ray Train workers, side by side on
+``sasrec/ml-1m.txt.gz``.
 
-    python bench/epoch_quality.py [--epochs 20] [--eval-every 5] [--seeds 42 7] [--modes plain buckets]
+    python bench/epoch_quality.py [--epochs 20] [--eval-every 5] [--seeds 42 7] [--modes plain buckets ray2]
                                   [--reference LOG.json ...]
 
-Each run is ``configs/sasrec_ml1m.yaml`` through ``fit`` (Ray Train, 1 worker, 2 CPUs) for the same
-number of epochs with no early stop; validation NDCG@10 (full ranking and sampled-100) every few
-epochs, test NDCG@10 of the best-on-validation weights, and the median seconds per epoch.
+Each run is ``configs/sasrec_ml1m.yaml`` through ``fit`` (Ray Train: 1 worker with 2 CPUs, or 2 with
+1 each) for the same number of epochs with no early stop; validation NDCG@10 (full ranking and
+sampled-100) every few epochs, test NDCG@10 of the best-on-validation weights, and the median
+seconds per epoch.
 ``bench/train_speed.py`` says how much faster an epoch is; this says what an epoch is worth.
 
 ``--reference FILE`` adds the per-epoch log of another trainer run on the same file (a JSON list of
@@ -38,6 +40,8 @@ FINAL = ("best_epoch", "test_ndcg_10", "test_sampled_ndcg_10", "test_hr_10")
 MODES = {  # how each mode builds its batches
     "plain": ["train.bucket_by_length=false"],
     "buckets": ["train.bucket_by_length=true"],
+    # two Ray Train workers (DDP, 1 CPU each) with buckets: the same global batch of 128, split
+    "ray2": ["train.bucket_by_length=true", "scale.num_workers=2", "scale.cpus_per_worker=1"],
 }
 
 
