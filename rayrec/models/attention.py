@@ -62,8 +62,8 @@ class SelfAttention(nn.Module):
         B, T, D = x.shape
         qkv = self.qkv(x)  # (B, T, 3D)
         if self.training and self.dropout > 0 and x.device.type == "cpu":
-            parts = qkv.view(B, T, 3 * self.heads, D // self.heads).unbind(2)  # 3H x (B, T, Dh) views
             H = self.heads
+            parts = qkv.view(B, T, 3 * H, D // H).unbind(2)  # 3H x (B, T, Dh) views
             return self.out(self._attend_with_dropout(parts[:H], parts[H:2 * H], parts[2 * H:], ctx))
         q, k, v = (self.split_heads(t) for t in qkv.split(D, dim=-1))  # 3 x (B, H, T, Dh)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, dropout_p=self.dropout if self.training else 0.0)
