@@ -110,6 +110,33 @@ def test_left_padding_does_not_change_outputs(combo):
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(c))
+def test_encoding_only_the_last_positions_equals_the_full_encoding(combo):
+    m = _model(combo).eval()
+    b = _batch()
+    full = m.encode(b["items"], b["timestamps"], b["user_idx"])
+    for k in (1, 3):
+        last = m.encode(b["items"], b["timestamps"], b["user_idx"], last=k)
+        assert last.shape == (B, k, full.shape[-1])
+        torch.testing.assert_close(last, full[:, -k:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(m.encode(b["items"], b["timestamps"], b["user_idx"], last=T), full)
+
+
+@pytest.mark.parametrize("combo", [c for c in COMBOS if c[2] == "plain"], ids=lambda c: "-".join(c))
+def test_cpu_scoring_in_row_chunks_equals_one_call(combo, monkeypatch):
+    import rayrec.models.seqrec as seqrec
+
+    m = _model(combo).eval()
+    b = _batch()
+    whole = m.score_last(b["items"], b["timestamps"], b["user_idx"])
+    calls = []
+    monkeypatch.setattr(seqrec, "CPU_SCORE_CHUNK_BYTES", 3 * 16 * T * 4 * 3)  # 3 rows of (T, 3D) floats
+    monkeypatch.setattr(m, "_score_last", lambda *a, f=m._score_last: calls.append(a[0].shape[0]) or f(*a))
+    chunked = m.score_last(b["items"], b["timestamps"], b["user_idx"])
+    assert calls == [2, 2]  # B = 4 rows in two equal chunks, users and timestamps sliced alike
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(c))
 def test_trimmed_evaluation_windows_score_like_full_windows(combo):
     import numpy as np
 

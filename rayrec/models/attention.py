@@ -22,6 +22,12 @@ class AttnContext:
     keep: torch.Tensor  # (B, T, 1) float: 1 at real items, 0 at padding
     intervals: torch.Tensor | None = None  # (B, T, T) long, time_interval only
     bias: torch.Tensor | None = None  # (B, 1, T, T) additive 0 / -inf form of mask, built once per batch
+    queries: int = 0  # > 0: only the last `queries` positions query (keys and values stay all T)
+
+    def last_rows(self, k: int) -> "AttnContext":
+        """The context for a stream cut to its last k positions (after the final attention)."""
+        return AttnContext(mask=self.mask[:, :, -k:], keep=self.keep[:, -k:],
+                           intervals=None if self.intervals is None else self.intervals[:, -k:])
 
 
 def causal_mask(items: torch.Tensor) -> torch.Tensor:
@@ -61,13 +67,16 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         B, T, D = x.shape
         qkv = self.qkv(x)  # (B, T, 3D)
-        if self.training and self.dropout > 0 and x.device.type == "cpu":
+        if self.training and self.dropout > 0 and x.device.type == "cpu" and not ctx.queries:
             H = self.heads
             parts = qkv.view(B, T, 3 * H, D // H).unbind(2)  # 3H x (B, T, Dh) views
             return self.out(self._attend_with_dropout(parts[:H], parts[H:2 * H], parts[2 * H:], ctx))
         q, k, v = (self.split_heads(t) for t in qkv.split(D, dim=-1))  # 3 x (B, H, T, Dh)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        mask = ctx.mask
+        if ctx.queries:  # scoring reads the last positions only: their queries see every key
+            q, mask = q[:, :, -ctx.queries:], mask[:, :, -ctx.queries:]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, q.shape[2], D))  # (B, Tq, D)
 
     def _attend_with_dropout(self, qs, ks, vs, ctx: AttnContext) -> torch.Tensor:
         """Per-head (B, T, Dh) q, k, v -> (B, T, H * Dh).

@@ -59,7 +59,7 @@ class SubLayer(nn.Module):
         z = self.pre_norm(x)
         y = self.body(z, ctx)
         if self.gate is not None:
-            y = torch.sigmoid(self.gate(z)) * y
+            y = torch.sigmoid(self.gate(z[:, -y.shape[1]:])) * y  # y has fewer rows when only the last query
         return self.drop(y)
 
 

@@ -122,7 +122,7 @@ def generate(model, items: torch.Tensor, k: int, *, users: torch.Tensor | None =
         active = ~done.all(1) & ~banned.all(1)  # (B,)
         if not active.any():
             break
-        h, _ = model.user.split(model.encode(x, None, users)[:, -k:], users)  # (B, K, D)
+        h, _ = model.user.split(model.encode(x, None, users, last=k), users)  # (B, K, D)
         logits = (h @ emb.T).float().masked_fill(banned[:, None, :], float("-inf"))  # (B, K, N+1)
         if temperature > 0:
             u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-20, 1.0)

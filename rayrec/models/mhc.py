@@ -129,11 +129,12 @@ class MHCResidual(nn.Module):
             streams = x.float()
             h_pre, h_post, h_res = self.connections[i](streams, self.iters)
             u = torch.einsum("btn,btnd->btd", h_pre, streams)  # (B, T, D)
-        y = sublayer(u.to(dtype), ctx)  # (B, T, D), under the caller's autocast
+        y = sublayer(u.to(dtype), ctx)  # (B, Tq, D), under the caller's autocast; Tq < T: last queries only
+        q = y.shape[1]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            mixed = torch.einsum("btkn,btnd->btkd", h_res, streams)  # (B, T, n, D)
-            out = mixed + h_post.unsqueeze(-1) * y.float().unsqueeze(-2)
-            return (out * ctx.keep.unsqueeze(-1)).to(dtype)  # keep (B, T, 1, 1)
+            mixed = torch.einsum("btkn,btnd->btkd", h_res[:, -q:], streams[:, -q:])  # (B, Tq, n, D)
+            out = mixed + h_post[:, -q:].unsqueeze(-1) * y.float().unsqueeze(-2)
+            return (out * ctx.keep[:, -q:].unsqueeze(-1)).to(dtype)  # keep (B, Tq, 1, 1)
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, n, D) -> (B, T, D): weighted sum over the streams."""

@@ -26,7 +26,8 @@ class PlainResidual(nn.Module):
         # Padding rows are not zeroed here: no real position reads them (attention masks padded
         # keys, everything else is per position) and the model zeroes them once at its output.
         # Zeroing after every sub-layer was a full pass forward and backward each time.
-        return sublayer.post_norm(x + sublayer(x, ctx))  # (B, T, D)
+        y = sublayer(x, ctx)  # (B, Tq, D): Tq < T when only the last positions query
+        return sublayer.post_norm(x[:, -y.shape[1]:] + y)
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -67,14 +67,18 @@ class TimeIntervalAttention(nn.Module):
         v = v + self._heads(self.pos_v(pos))
         rel_k = self.rel_k.weight.view(-1, self.heads, D // self.heads).transpose(0, 1)  # (H, S+1, Dh)
         rel_v = self.rel_v.weight.view(-1, self.heads, D // self.heads).transpose(0, 1)
-        idx = ctx.intervals[:, None].expand(B, self.heads, T, T)  # (B, H, T, T)
+        intervals, mask = ctx.intervals, ctx.mask
+        if ctx.queries:  # only the last positions query (scoring); keys and values stay all T
+            q, intervals, mask = q[:, :, -ctx.queries:], intervals[:, -ctx.queries:], mask[:, :, -ctx.queries:]
+        Tq = q.shape[2]
+        idx = intervals[:, None].expand(B, self.heads, Tq, T)  # (B, H, Tq, T)
         scores = q @ k.transpose(-2, -1) + torch.einsum("bhtd,hsd->bhts", q, rel_k).gather(-1, idx)
         scores = scores * (D // self.heads) ** -0.5
-        probs = torch.softmax(scores.masked_fill(~ctx.mask, float("-inf")), dim=-1)  # (B, H, T, T)
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)  # (B, H, Tq, T)
         probs = dropout(probs, self.dropout, self.training)
-        bins = torch.zeros(B, self.heads, T, rel_v.shape[1], dtype=probs.dtype, device=x.device).scatter_add_(-1, idx, probs)
-        y = probs @ v + torch.einsum("bhts,hsd->bhtd", bins, rel_v)  # (B, H, T, Dh)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        bins = torch.zeros(B, self.heads, Tq, rel_v.shape[1], dtype=probs.dtype, device=x.device).scatter_add_(-1, idx, probs)
+        y = probs @ v + torch.einsum("bhts,hsd->bhtd", bins, rel_v)  # (B, H, Tq, Dh)
+        return self.out(y.transpose(1, 2).reshape(B, Tq, D))
 
 
 def _layer(cfg, d: int) -> nn.Module:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from rayrec.models.seqrec import score_in_chunks
 from rayrec.quant.base import ActQParams, Quantizer, symmetric_int8
 from rayrec.quant.prepare import QuantLinear
 
@@ -134,8 +135,11 @@ class Int8Model(nn.Module):
 
     @torch.no_grad()
     def score_last(self, items, timestamps=None, users=None) -> torch.Tensor:
+        return score_in_chunks(self._score_last, items, timestamps, users, self.model.cfg.hidden)
+
+    def _score_last(self, items, timestamps, users) -> torch.Tensor:
         m = self.model
-        h = m.encode(items, timestamps, users)[:, -1:]  # (B, 1, D)
+        h = m.encode(items, timestamps, users, last=1)  # (B, 1, D)
         h_item, offset = m.user.split(h, users)
         if self.scorer is not None:
             scores = self.scorer(h_item[:, 0])  # (B, N+1), int8 x int8
