@@ -242,6 +242,35 @@ def test_adaround_post_training_rounding_beats_round_to_nearest():
             assert not m.training  # hard rounding from here on
 
 
+@pytest.mark.parametrize("method", ["lsq", "adaround"])  # the data-initialised table quantizers
+def test_table_quantizer_takes_its_range_from_the_loaded_float_weights(method):
+    from rayrec.quant.prepare import load_float_weights
+
+    cfg = _cfg(method, embedding=True, granularity="per_channel")
+    trained = build_model(cfg.model, N, U).state_dict()
+    trained["item_emb.weight"] = trained["item_emb.weight"] * 20  # a trained table is wider than its init
+    model = _model(cfg)
+    model(_batch())  # even a forward before loading must not fix the ranges
+    load_float_weights(model, trained)
+    w = trained["item_emb.weight"]
+    got = model.item_emb.weight  # the fake-quantized table
+    assert (got - w).abs().max() < 0.05 * w.abs().max()
+
+
+@pytest.mark.skipif(not int8_available(), reason="this PyTorch build has no oneDNN INT8 kernels")
+def test_adaround_post_training_with_table_and_scoring_converts_to_int8():
+    cfg = _cfg("adaround", weight_bits=8, act_bits=8, granularity="per_channel", embedding=True, scoring=True)
+    cfg.model.hidden, cfg.model.emb_init_std = 32, 0.1
+    model = _model(cfg)
+    adaround_ptq(model, [{"items": _batch(s)["items"]} for s in range(3)], iters=20)
+    # every quantizer has seen data: the scoring input's range came from the calibration windows
+    assert all(bool(q.initialized) for q in quantizers(model))
+    items = _batch(7)["items"]
+    fake = model.eval().score_last(items)[:, 1:]
+    got = convert(model).score_last(items)[:, 1:]
+    assert (got - fake).abs().max().item() / fake.abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("bad, match", [
     (["quant.method=int4"], "quant.method='int4' is not valid"),
     (["quant.method=lsq", "quant.weight_bits=9"], r"must be in \[2, 8\]"),

@@ -142,8 +142,13 @@ def prepare(model: nn.Module, cfg: Config | QuantConfig) -> nn.Module:
         setattr(parent, child, QuantLinear(lin, wq, aq))
     if q.embedding:
         table = model.item_emb.weight
+        # registering evaluates the parametrization once (a shape check): with the control on, a
+        # data-initialised quantizer (LSQ's step, AdaRound's scale) would take its values from the
+        # table as built, not from the weights loaded next
+        ctrl.force_off = True
         parametrize.register_parametrization(
             model.item_emb, "weight", _TableQuant(weight_quantizer(q, tuple(table.shape)).attach(ctrl)))
+        ctrl.force_off = False
     if q.scoring:
         model.norm.score_quant = act_quantizer(q, signed=True).attach(ctrl)
         model.norm.register_forward_hook(_quantize_scores)
@@ -178,6 +183,8 @@ def load_float_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None
         state = dict(state)
         state["item_emb.parametrizations.weight.original"] = state.pop("item_emb.weight")
     missing, unexpected = model.load_state_dict(state, strict=False)
+    for qz in quantizers(model):  # whatever ran before, values come from these weights on first use
+        qz.initialized.fill_(False)
     missing = [k for k in missing if not (k.startswith("quant_ctrl.") or "_quant." in k or "score_quant." in k
                                           or ".parametrizations.weight.0." in k)]
     if missing or unexpected:

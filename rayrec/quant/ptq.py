@@ -52,7 +52,8 @@ def adaround_ptq(model, batches: Iterable[dict], iters: int | None = None, lr: f
     model.eval()
     ctrl = model.quant_ctrl
     ctrl.step.fill_(max(int(ctrl.step), ctrl.start_step))  # quantization on from here
-    inputs = _collect_inputs(model, layers, list(batches), max_rows)
+    batches = list(batches)
+    inputs = _collect_inputs(model, layers, batches, max_rows)
     g = torch.Generator().manual_seed(0)
     report = {}
     for name, layer in layers:
@@ -84,4 +85,16 @@ def adaround_ptq(model, batches: Iterable[dict], iters: int | None = None, lr: f
             hard = wq.quantize(w)
             report[name] = {"rec_nearest": err_nearest, "rec_adaround": (xq @ hard.T - target).pow(2).sum(1).mean().item(),
                             "flipped": (hard != nearest).float().mean().item()}
+    _calibrate_rest(model, batches)
     return report
+
+
+@torch.no_grad()
+def _calibrate_rest(model, batches: list[dict]) -> None:
+    """Quantizers no Linear owns (the item table's, the scoring input's with quant.embedding /
+    quant.scoring) initialise on one pass over all calibration windows, the Linears now rounded."""
+    if not batches:
+        return
+    keys = [k for k in ("items", "timestamps", "user_idx") if batches[0].get(k) is not None]
+    b = {k: torch.cat([x[k] for x in batches]) for k in keys}
+    model.encode(b["items"], b.get("timestamps"), b.get("user_idx"))
