@@ -62,6 +62,9 @@ def main(argv=None) -> None:
     path = RESULTS / "variants.json"
     old = json.loads(path.read_text()) if path.exists() else {"runs": []}
     runs = {r["name"]: r for r in old["runs"]}
+    # `--only a b key=value`: argparse hands the overrides after --only to it
+    a.overrides += [o for o in a.only or () if "=" in o]
+    a.only = [o for o in a.only or () if "=" not in o] or None
     unknown = set(a.only or ()) - {name for name, _, _ in VARIANTS}
     if unknown:
         sys.exit(f"--only: unknown variants {sorted(unknown)}; choose from {[n for n, _, _ in VARIANTS]}")
