@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from rayrec.config import ConfigError, ModelConfig, config_from_dict
 from rayrec.models import build_model
 from rayrec.models.attention import CAUSAL_KINDS, AttnContext, causal_mask
+from rayrec.models.blocks import SubLayer, SwiGLU
 from rayrec.models.time_interval import TimeIntervalAttention, time_intervals
 
 N, U, T, B = 40, 9, 10, 4
@@ -185,6 +186,30 @@ def test_ssept_with_zero_width_user_and_no_sse_equals_sasrec():
     assert torch.equal(sas(b)[0], ssept(b)[0])
     sas.eval(), ssept.eval()
     assert torch.equal(sas.score_last(b["items"], None, b["user_idx"]), ssept.score_last(b["items"], None, b["user_idx"]))
+
+
+@pytest.mark.parametrize("attention,head", [("causal", "bce"), ("bidirectional", "masked_diffusion")])
+def test_ssept_user_and_item_halves_of_the_input_start_at_one_scale(attention, head):
+    cfg = config_from_dict({"model": {**_overrides(("sasrec", attention, "plain", "ssept", head)),
+                                      "hidden": 256, "user_dim": 128}}).model
+    torch.manual_seed(0)
+    m = build_model(cfg, 2000, 2000)
+    items = torch.randint(1, 2001, (64, T))
+    x = m.user.embed(m.item_emb(items) * m.scale, torch.randint(1, 2001, (64,)))
+    item_half, user_half = x[..., :128].std().item(), x[..., 128:].std().item()
+    assert 0.8 < user_half / item_half < 1.25, (item_half, user_half)
+
+
+def test_ligr_gate_reads_the_stream_and_its_ffn_is_four_wide():
+    """As eSASRec's reference layer: the gate sees the un-normalised stream (so it can react to
+    the stream's scale, which the pre-norm removes) and the SwiGLU hidden width is 4d."""
+    torch.manual_seed(0)
+    sub = SubLayer(SwiGLU(16, 0.0), 16, 0.0, norm_first=True, gated=True).eval()
+    assert sub.body.down.in_features == 64
+    torch.nn.init.normal_(sub.gate.weight)
+    x = torch.randn(2, T, 16)
+    assert torch.allclose(sub.pre_norm(x), sub.pre_norm(3 * x), atol=1e-5)  # the body sees the same input
+    assert not torch.allclose(sub(x, None), sub(3 * x, None), atol=1e-3)  # the gate does not
 
 
 def test_time_interval_with_zero_intervals_is_attention_with_key_value_positions():

@@ -26,9 +26,9 @@ class PointWiseFFN(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, d: int, dropout: float):
+    def __init__(self, d: int, dropout: float, mult: int = 4):
         super().__init__()
-        hidden = max(8, int(8 * d / 3))  # the LLaMA width: same parameters as a 4d two-layer MLP
+        hidden = mult * d  # eSASRec's width (its reference LiGR layer: 4d), not LLaMA's parameter-matched 8d/3
         self.up = nn.Linear(d, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, d, bias=False)
         self.drop = Dropout(dropout)
@@ -39,7 +39,10 @@ class SwiGLU(nn.Module):
 
 
 class SubLayer(nn.Module):
-    """One residual branch: ``drop(gate * body(pre_norm(x)))``.
+    """One residual branch: ``drop(gate(x) * body(pre_norm(x)))``.
+
+    LiGR's gate reads the stream itself, not its normalised copy (as eSASRec's reference layer):
+    the gate can then respond to the stream's scale, which the norm removes.
 
     ``post_norm`` is not applied here: the residual applies it after the addition (Post-LN).
     """
@@ -59,7 +62,7 @@ class SubLayer(nn.Module):
         z = self.pre_norm(x)
         y = self.body(z, ctx)
         if self.gate is not None:
-            y = torch.sigmoid(self.gate(z[:, -y.shape[1]:])) * y  # y has fewer rows when only the last query
+            y = torch.sigmoid(self.gate(x[:, -y.shape[1]:])) * y  # y has fewer rows when only the last query
         return self.drop(y)
 
 

@@ -12,8 +12,8 @@ from rayrec.models.attention import AttentionKind
 from rayrec.models.dropout import Dropout
 
 
-def _emb_init(cfg, item_dim: int) -> tuple[float, float]:
-    """Init std of the item and position tables.
+def emb_init_std(cfg, item_dim: int) -> tuple[float, float]:
+    """Init std of the item and position tables (and of SSE-PT's user table, at its own width).
 
     Next-item models start small (GPT-2's 0.02): with unit-variance item inputs (std 1/sqrt(d)
     before the sqrt(d) input scale) and N(0, 1) positions, the SASRec paper config sat on a plateau
@@ -67,7 +67,7 @@ class SeqRec(nn.Module):
         self.norm = nn.LayerNorm(d, eps=1e-8) if cfg.norm_first else nn.Identity()
         self.head = head
         self.scale = math.sqrt(di)
-        item_std, pos_std = _emb_init(cfg, di)
+        item_std, pos_std = emb_init_std(cfg, di)
         nn.init.normal_(self.item_emb.weight, std=item_std)
         if self.pos_emb is not None:
             nn.init.normal_(self.pos_emb.weight, std=pos_std)
