@@ -3,7 +3,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from rayrec.data.batches import SequenceStore, eval_batch, sample_negatives, sorted_unique, train_batch
+from rayrec.data.batches import SequenceStore, eval_batch, sample_negatives, shared_allowed, sorted_unique, train_batch
 
 
 def _table(seqs):
@@ -96,6 +96,17 @@ def test_negatives_avoid_history_and_eval_candidates():
         bad = {1, 2, 3, 4, 5, 9, 10} if r % 2 == 0 else {6, 7, 8, 11, 12}
         assert not (set(neg[r].ravel().tolist()) & bad)
         assert neg[r].min() >= 1
+
+
+def test_shared_negatives_are_masked_per_row_for_its_history_and_eval_candidates():
+    s = store([[1, 2, 3, 4, 5], [6, 7, 8], [2, 3]], num_items=12, negs=[[9, 10], [11, 12], [1, 4]])
+    negs = np.array([5, 9, 6, 5, 1, 12, 3, 7, 2])  # repeats are masked (or kept) together
+    rows = np.array([2, 0, 1, 0])
+    got = shared_allowed(rows, negs, s.forbidden_keys(), 12)
+    bad = {0: {1, 2, 3, 4, 5, 9, 10}, 1: {6, 7, 8, 11, 12}, 2: {2, 3, 1, 4}}
+    want = np.array([[n not in bad[r] for n in negs] for r in rows])
+    assert np.array_equal(got, want)
+    assert shared_allowed(rows, negs, None, 12).all()
 
 
 def test_negative_sampling_is_bounded_when_nothing_is_left():

@@ -1,10 +1,10 @@
-"""The two hand-written hot paths equal (or match in distribution) the torch ops they replace."""
+"""The hand-written hot paths equal (or match in distribution) the torch ops they replace."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from rayrec.models.dropout import Dropout, dropout, keep_mask, random_bytes
-from rayrec.models.softmax_ce import softmax_ce_sum
+from rayrec.models.softmax_ce import shared_sampled_softmax_sum, softmax_ce_sum
 
 
 @pytest.mark.parametrize("chunk,item_block", [(1, None), (7, None), (64, None), (10_000, None), (7, 4), (64, 29), (3, 1)])
@@ -26,6 +26,45 @@ def test_chunked_softmax_ce_empty_batch_keeps_graph():
     loss = softmax_ce_sum(h, w, torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert loss.item() == 0 and w.grad is not None and (w.grad == 0).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, None])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_shared_sampled_softmax_equals_log_softmax(chunk, with_bias):
+    g = torch.Generator().manual_seed(0)
+    B, V, k, N, D = 6, 40, 12, 15, 8
+    emb = torch.randn(N + 1, D, generator=g, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(1, N + 1, (V,), generator=g)
+    negs = torch.randint(1, N + 1, (k,), generator=g)  # with repeats, and hitting targets
+    negs[:2] = t[0]
+    row_of = torch.randint(0, B, (V,), generator=g).sort().values
+    allowed = torch.rand(B, k, generator=g) > 0.3
+    allowed[row_of[-1]] = False  # a row with no negative left: its loss is 0
+    bias = torch.randn(N + 1, generator=g, dtype=torch.float64)
+    bp, bn = (bias[t], bias[negs]) if with_bias else (None, None)
+    pos = (h * emb[t]).sum(-1, keepdim=True) + (0 if bp is None else bp[:, None])
+    neg = h @ emb[negs].T + (0 if bn is None else bn)
+    keep = allowed[row_of] & (negs[None, :] != t[:, None])
+    ref = -torch.log_softmax(torch.cat([pos, neg.masked_fill(~keep, float("-inf"))], 1), 1)[:, 0].sum()
+    got = shared_sampled_softmax_sum(h, emb[t], emb[negs], allowed, row_of, t, negs, bp, bn, chunk)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-10)
+    for a, b in zip(torch.autograd.grad(ref * 0.5, (h, emb)), torch.autograd.grad(got * 0.5, (h, emb))):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_shared_sampled_softmax_in_bf16_matches_fp32():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(30, 16, generator=g)
+    w = torch.randn(20, 16, generator=g)
+    t, negs = torch.randint(1, 20, (30,), generator=g), torch.randint(1, 20, (9,), generator=g)
+    args = (torch.ones(1, 9, dtype=torch.bool), torch.zeros(30, dtype=torch.long), t, negs)
+    hb = h.bfloat16().requires_grad_()
+    got = shared_sampled_softmax_sum(hb, w.bfloat16()[t], w.bfloat16()[negs], *args)
+    ref = shared_sampled_softmax_sum(hb.float(), w.bfloat16().float()[t], w.bfloat16().float()[negs], *args)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(ref.item(), rel=1e-5)
+    got.backward()
+    assert hb.grad.dtype == torch.bfloat16
 
 
 def test_dropout_rate_scale_and_gradient():

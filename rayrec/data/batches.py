@@ -192,6 +192,34 @@ def sample_negatives(
     return neg
 
 
+def shared_allowed(rows: np.ndarray, negs: np.ndarray, forbidden: np.ndarray | None, num_items: int) -> np.ndarray:
+    """(B, k) bool: whether shared negative j may serve batch row i (it is not one of rows[i]'s
+    forbidden items). Equals ``~_member(rows[:, None] * (N+1) + negs, forbidden)``, but looks up
+    each row's few forbidden items among the k negatives (sorted once) rather than every one of the
+    B x k pairs among all forbidden keys: ~50x less work at k = 4096."""
+    allowed = np.ones((len(rows), len(negs)), dtype=bool)
+    if forbidden is None or not len(forbidden) or not len(negs):
+        return allowed
+    stride = num_items + 1
+    base = rows.astype(np.int64) * stride
+    lo, hi = np.searchsorted(forbidden, base), np.searchsorted(forbidden, base + stride)
+    row_i, items = _ranges(lo, hi)  # every (batch row, forbidden key index) pair
+    items = forbidden[items] - base[row_i]
+    order = np.argsort(negs, kind="stable")
+    sorted_negs = negs[order]
+    first, last = np.searchsorted(sorted_negs, items, "left"), np.searchsorted(sorted_negs, items, "right")
+    hit_i, hit = _ranges(first, last)  # every (forbidden pair, equal negative) match
+    allowed[row_i[hit_i], order[hit]] = False
+    return allowed
+
+
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The concatenation of ``arange(lo[i], hi[i])`` and, for each of its entries, its i."""
+    counts = hi - lo
+    owner = np.repeat(np.arange(len(lo)), counts)
+    return owner, np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + lo[owner]
+
+
 def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
     pos = np.searchsorted(sorted_keys, keys)
     pos = np.minimum(pos, len(sorted_keys) - 1)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rayrec.models.diffusion import MaskedDiffusionHead
-from rayrec.models.softmax_ce import softmax_ce_sum
+from rayrec.models.softmax_ce import shared_sampled_softmax_sum, softmax_ce_sum
 
 
 def _with_offset(scores: torch.Tensor, offset: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
@@ -95,19 +95,19 @@ class SampledSoftmaxHead(nn.Module):
         targets = batch["targets"]
         valid = targets != 0
         hv, t = h[valid], targets[valid]  # (V, D), (V,)
-        pos = (hv * emb[t]).sum(-1, keepdim=True)  # (V, 1)
-        if self.shared:
+        logq = batch.get("log_q")  # (N+1,) log sampling probability of each item, or None
+        if self.shared:  # fused and chunked: the (V, k) logits never exist whole. The user offset is
+            # a per-row constant, to which a softmax is invariant
             negs = batch["shared_negatives"]  # (k,)
-            neg = hv @ emb[negs].T  # (V, k)
             rows = torch.nonzero(valid)[:, 0]  # (V,) batch row of each position
-            allowed = batch["shared_allowed"].bool()[rows] & (negs[None, :] != t[:, None])  # (V, k)
-            negs = negs.expand(len(t), -1)
-        else:
-            negs = batch["negatives"][valid]  # (V, k)
-            neg = torch.einsum("vd,vkd->vk", hv, emb[negs])
-            allowed = (negs != 0) & (negs != t[:, None])
-        logq = batch.get("log_q")
-        if logq is not None:  # (N+1,) log sampling probability of each item
+            bias = (None, None) if logq is None else (-logq[t], -logq[negs])
+            loss = shared_sampled_softmax_sum(hv, emb[t], emb[negs], batch["shared_allowed"].bool(), rows, t, negs, *bias)
+            return loss, valid.sum()
+        pos = (hv * emb[t]).sum(-1, keepdim=True)  # (V, 1)
+        negs = batch["negatives"][valid]  # (V, k)
+        neg = torch.einsum("vd,vkd->vk", hv, emb[negs])
+        allowed = (negs != 0) & (negs != t[:, None])
+        if logq is not None:
             pos, neg = pos - logq[t][:, None], neg - logq[negs]
         logits = torch.cat([pos, neg.masked_fill(~allowed, float("-inf"))], dim=-1)  # (V, 1+k)
         logits = _with_offset(logits, offset, valid)

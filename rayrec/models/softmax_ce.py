@@ -80,3 +80,59 @@ def softmax_ce_sum(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int
     if h.shape[0] == 0:
         return (h.sum() + w.sum()) * 0.0  # keeps the graph (and DDP's hooks) connected
     return _ChunkedSoftmaxCE.apply(h, w, y, chunk, item_block or w.shape[0], weight)
+
+
+class _ChunkedSharedSampledSoftmax(torch.autograd.Function):
+    """Softmax over each row's target and k negatives shared by the batch, fused like the full
+    softmax above: rows in chunks, each chunk's logits turned into its gradient while in cache."""
+
+    @staticmethod
+    def forward(ctx, h, pos_w, neg_w, allowed, row_of, pos_ids, neg_ids, bias_pos, bias_neg, chunk: int):
+        # h, pos_w: (V, D) hidden states and target embeddings; neg_w: (k, D) negative embeddings;
+        # allowed: (B, k) per batch row; row_of: (V,) batch row of each position; pos_ids (V,) and
+        # neg_ids (k,): item ids (a negative equal to the row's target is masked); biases: added to the logits, or None
+        dtype = torch.promote_types(torch.promote_types(h.dtype, neg_w.dtype), torch.float32)
+        hf, pf, nf = h.to(dtype), pos_w.to(dtype), neg_w.to(dtype)
+        grad_h, grad_p, grad_n = torch.empty_like(hf), torch.empty_like(pf), torch.zeros_like(nf)
+        loss = hf.new_zeros(())
+        for s in range(0, hf.shape[0], chunk):
+            hc, pc = hf[s: s + chunk], pf[s: s + chunk]
+            pos = (hc * pc).sum(-1)  # (c,)
+            neg = hc @ nf.T  # (c, k)
+            if bias_pos is not None:
+                pos = pos + bias_pos[s: s + chunk].to(dtype)
+                neg += bias_neg.to(dtype)
+            keep = allowed[row_of[s: s + chunk]] & (neg_ids[None, :] != pos_ids[s: s + chunk, None])
+            neg.masked_fill_(~keep, float("-inf"))
+            lse = torch.logaddexp(pos, torch.logsumexp(neg, dim=-1))  # (c,)
+            loss += (lse - pos).sum()
+            p_neg = neg.sub_(lse[:, None]).exp_()  # d loss / d negative logits: (c, k)
+            g_pos = torch.exp(pos - lse) - 1.0  # d loss / d target logit: (c,)
+            grad_h[s: s + chunk] = torch.addmm(g_pos[:, None] * pc, p_neg, nf)
+            grad_p[s: s + chunk] = g_pos[:, None] * hc
+            grad_n.addmm_(p_neg.T, hc)
+        ctx.save_for_backward(grad_h, grad_p, grad_n)
+        ctx.dtypes = (h.dtype, pos_w.dtype, neg_w.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = [(g * grad_out).to(dt) for g, dt in zip(ctx.saved_tensors, ctx.dtypes)]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def shared_sampled_softmax_sum(h: torch.Tensor, pos_w: torch.Tensor, neg_w: torch.Tensor, allowed: torch.Tensor,
+                               row_of: torch.Tensor, pos_ids: torch.Tensor, neg_ids: torch.Tensor,
+                               bias_pos: torch.Tensor | None = None, bias_neg: torch.Tensor | None = None,
+                               chunk: int | None = None) -> torch.Tensor:
+    """Summed ``-log softmax([h.pos_w + bias_pos, h @ neg_w.T + bias_neg])[0]`` over the V rows,
+    where a negative takes no part in row v's softmax if ``allowed[row_of[v], j]`` is False or it is
+    the row's target (``neg_ids[j] == pos_ids[v]``).
+
+    Equals building the (V, 1+k) logits and taking ``F.log_softmax`` (values and gradients), without
+    holding them: ``chunk`` rows at a time (default: ~1M logits per chunk).
+    """
+    if h.shape[0] == 0:
+        return (h.sum() + pos_w.sum() + neg_w.sum()) * 0.0  # keeps the graph (and DDP's hooks) connected
+    chunk = chunk or max(32, (1 << 20) // max(1, neg_w.shape[0]))
+    return _ChunkedSharedSampledSoftmax.apply(h, pos_w, neg_w, allowed, row_of, pos_ids, neg_ids, bias_pos, bias_neg, chunk)

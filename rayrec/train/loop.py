@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from rayrec.config import Config, config_from_dict
-from rayrec.data.batches import SequenceStore, _member, sample_negatives, train_batch
+from rayrec.data.batches import SequenceStore, sample_negatives, shared_allowed, train_batch
 from rayrec.eval.baselines import MostPopular
 from rayrec.eval.evaluate import evaluate
 from rayrec.models import build_model
@@ -133,8 +133,7 @@ class EpochBatches:
             if self.needs_negatives and m.shared_negatives:
                 negs = sample_negatives(rng, None, None, self.store.num_items, (m.num_negatives,), probs=self.probs)
                 b["shared_negatives"] = negs
-                keys = rows.astype(np.int64)[:, None] * (self.store.num_items + 1) + negs[None, :]
-                b["shared_allowed"] = ~_member(keys, self.forbidden)  # (B, k)
+                b["shared_allowed"] = shared_allowed(rows, negs, self.forbidden, self.store.num_items)  # (B, k)
             elif self.needs_negatives:
                 b["negatives"] = sample_negatives(rng, rows, self.forbidden, self.store.num_items,
                                                   b["targets"].shape + (m.num_negatives,), probs=self.probs)
