@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     r = run_quality(a.config, a.name, a.overrides, a.dataset)
     r.update({"script": "bench/quality.py",
-              "command": "python " + " ".join(["bench/quality.py", a.config, "--name", a.name, *a.overrides])})
+              "command": "python " + " ".join(["bench/quality.py", a.config, "--name", a.name, "--dataset", a.dataset, *a.overrides])})
     out = write_result(a.name, r)
     m = r["metrics"]
     print(f"\n{a.name}: {r['epochs']} epochs, best epoch {r['best_epoch']}, wall {r['timings']['wall_s_this_call']:.0f} s")
