@@ -1,5 +1,7 @@
 """One DDP step over 2 gloo ranks equals one single-process step over the same global batch:
 same loss and same (all-reduced) gradients, with unequal target counts on the two ranks."""
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -44,14 +46,20 @@ def step(rank, world, head, out):
         torch.save({"grads": grads, "loss": loss}, out)
 
 
-def _worker(rank, world, store, head, out):
+def _worker(rank, world, path, head, out):
     # a file rendezvous: no port to race for
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    store = dist.FileStore(path, world)
+    # bounded waits: a rank that fails must not leave its peer in a collective for gloo's 30 minutes
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         step(rank, world, head, out)
-        # a rank that tears gloo down while its peer is still mid-collective aborts the peer
-        dist.barrier()
     finally:
+        # a rank that tears gloo down while its peer is still inside a collective aborts the peer
+        # ("terminate called without an active exception"); a barrier alone is not enough, since
+        # returning from it on one rank does not mean the other has. Each rank leaves only once
+        # every rank has said, through the store rather than gloo's sockets, that it is done.
+        store.set(f"done{rank}", "1")
+        store.wait([f"done{r}" for r in range(world)], timedelta(seconds=60))
         dist.destroy_process_group()
 
 
