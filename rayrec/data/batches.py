@@ -196,7 +196,7 @@ def shared_allowed(rows: np.ndarray, negs: np.ndarray, forbidden: np.ndarray | N
     """(B, k) bool: whether shared negative j may serve batch row i (it is not one of rows[i]'s
     forbidden items). Equals ``~_member(rows[:, None] * (N+1) + negs, forbidden)``, but looks up
     each row's few forbidden items among the k negatives (sorted once) rather than every one of the
-    B x k pairs among all forbidden keys: ~50x less work at k = 4096."""
+    B x k pairs among all forbidden keys (Beauty, B = 128, k = 4096: 31 -> 2.3 ms)."""
     allowed = np.ones((len(rows), len(negs)), dtype=bool)
     if forbidden is None or not len(forbidden) or not len(negs):
         return allowed

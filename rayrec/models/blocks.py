@@ -26,9 +26,9 @@ class PointWiseFFN(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, d: int, dropout: float, mult: int = 4):
+    def __init__(self, d: int, dropout: float):
         super().__init__()
-        hidden = mult * d  # eSASRec's width (its reference LiGR layer: 4d), not LLaMA's parameter-matched 8d/3
+        hidden = 4 * d  # eSASRec's width (its reference LiGR layer: 4d), not LLaMA's parameter-matched 8d/3
         self.up = nn.Linear(d, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, d, bias=False)
         self.drop = Dropout(dropout)
