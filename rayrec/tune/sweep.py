@@ -16,6 +16,7 @@ each trial's run folder and continues it from its last checkpoint.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any
 
 from rayrec.config import Config, ConfigError, TuneConfig, _set_path, config_from_dict, load_config
 from rayrec.tune.space import Param, search_alg_name, tune_metric, validate_tune
+from rayrec.tune.storage import SEARCHER_FILES, STATE_FILES, sweep_filesystem
 
 log = logging.getLogger("rayrec.tune")
 SWEEP_FILE = "sweep.yaml"
@@ -154,7 +156,7 @@ def _tuner_config(cfg: Config, params: list[Param]):
 def _run_config(cfg: Config, exp_dir: Path):
     from ray import tune
 
-    return tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
+    return tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent), storage_filesystem=sweep_filesystem(),
                           failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures, fail_fast=False))
 
 
@@ -218,6 +220,44 @@ def run_sweep(cfg: Config) -> SweepResult:
     return _finish(cfg, exp_dir, tuner.fit())
 
 
+def _complete_pickle(path: Path) -> bool:
+    import pickletools
+
+    try:  # walks the opcodes without running any: a cut-off pickle ends before its STOP
+        for _ in pickletools.genops(path.read_bytes()):
+            pass
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def check_experiment_state(exp_dir: Path) -> None:
+    """Refuse to resume from state Tune cannot read: Tune would log the error and silently start the
+    sweep over, rerunning finished trials into their old folders."""
+    def newest(pattern: str) -> Path | None:
+        names = sorted(p.name for p in exp_dir.glob(pattern))  # Tune restores the greatest name
+        return exp_dir / names[-1] if names else None
+
+    state = newest(STATE_FILES)
+    if state is None:
+        raise ConfigError(f"{exp_dir} has no {STATE_FILES} (interrupted before the first trial started); "
+                          "delete it and start the sweep again")
+    problem = None
+    try:
+        if not isinstance(json.loads(state.read_text())["trial_data"], list):
+            raise TypeError("trial_data is not a list")
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        problem = f"{state} is incomplete or corrupt ({type(e).__name__}: {e})"
+    for pattern in SEARCHER_FILES:
+        path = newest(pattern)
+        if problem is None and path is not None and not _complete_pickle(path):
+            problem = f"{path} (the search algorithm's state) is incomplete"
+    if problem:
+        raise ConfigError(f"{problem}: the sweep cannot be resumed from it. Finished trials' runs stay under "
+                          f"{exp_dir / RUNS}; start a new sweep with tune.name=... (sweeps written by this "
+                          "version replace these files whole, never cut off)")
+
+
 def resume_sweep(exp_dir: str | Path, resume_errored: bool = False) -> SweepResult:
     """Continue an interrupted sweep: finished trials are kept, unfinished ones continue from their
     last checkpoint, errored ones rerun only with ``resume_errored``."""
@@ -228,12 +268,15 @@ def resume_sweep(exp_dir: str | Path, resume_errored: bool = False) -> SweepResu
         raise ConfigError(f"{exp_dir} is not a sweep folder (no {SWEEP_FILE}); pass the folder that "
                           "jobs/tune.py printed when the sweep started")
     cfg = load_config(exp_dir / SWEEP_FILE)
-    if not tune.Tuner.can_restore(str(exp_dir)):
+    fs = sweep_filesystem()
+    if not tune.Tuner.can_restore(str(exp_dir), storage_filesystem=fs):
         raise ConfigError(f"{exp_dir} holds no Tune experiment state yet (interrupted before the first trial "
                           f"started); delete it and start the sweep again")
+    check_experiment_state(exp_dir)
     _prepare(cfg)
     tuner = tune.Tuner.restore(str(exp_dir), trainable=_trainable(cfg.to_dict(), exp_dir, cfg.tune.trial_cpus),
-                               resume_unfinished=True, resume_errored=resume_errored, restart_errored=False)
+                               resume_unfinished=True, resume_errored=resume_errored, restart_errored=False,
+                               storage_filesystem=fs)
     return _finish(cfg, exp_dir, tuner.fit())
 
 
