@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import pyarrow.fs
 import pytest
@@ -75,8 +76,6 @@ def test_resume_refuses_a_cut_off_state_instead_of_restarting_the_sweep(tmp_path
 
 
 def test_resume_refuses_a_cut_off_search_state(tmp_path):
-    import pickle
-
     (tmp_path / STATE).write_text(json.dumps({"trial_data": []}))
     good = pickle.dumps({"finished": True, "total_samples": 3, "uuid_prefix": "ab12c_"})
     (tmp_path / "basic-variant-state-2026-01-01_00-00-00.json").write_bytes(good)

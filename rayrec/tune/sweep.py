@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import os
+import pickletools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,8 +222,6 @@ def run_sweep(cfg: Config) -> SweepResult:
 
 
 def _complete_pickle(path: Path) -> bool:
-    import pickletools
-
     try:  # walks the opcodes without running any: a cut-off pickle ends before its STOP
         for _ in pickletools.genops(path.read_bytes()):
             pass
@@ -231,31 +230,33 @@ def _complete_pickle(path: Path) -> bool:
         return False
 
 
+def _newest(exp_dir: Path, pattern: str) -> Path | None:
+    names = sorted(p.name for p in exp_dir.glob(pattern))  # Tune restores the greatest name
+    return exp_dir / names[-1] if names else None
+
+
 def check_experiment_state(exp_dir: Path) -> None:
     """Refuse to resume from state Tune cannot read: Tune would log the error and silently start the
     sweep over, rerunning finished trials into their old folders."""
-    def newest(pattern: str) -> Path | None:
-        names = sorted(p.name for p in exp_dir.glob(pattern))  # Tune restores the greatest name
-        return exp_dir / names[-1] if names else None
-
-    state = newest(STATE_FILES)
+    state = _newest(exp_dir, STATE_FILES)
     if state is None:
         raise ConfigError(f"{exp_dir} has no {STATE_FILES} (interrupted before the first trial started); "
                           "delete it and start the sweep again")
-    problem = None
     try:
         if not isinstance(json.loads(state.read_text())["trial_data"], list):
             raise TypeError("trial_data is not a list")
     except (ValueError, KeyError, TypeError, OSError) as e:
-        problem = f"{state} is incomplete or corrupt ({type(e).__name__}: {e})"
+        raise _cannot_resume(exp_dir, f"{state} is incomplete or corrupt ({type(e).__name__}: {e})") from None
     for pattern in SEARCHER_FILES:
-        path = newest(pattern)
-        if problem is None and path is not None and not _complete_pickle(path):
-            problem = f"{path} (the search algorithm's state) is incomplete"
-    if problem:
-        raise ConfigError(f"{problem}: the sweep cannot be resumed from it. Finished trials' runs stay under "
-                          f"{exp_dir / RUNS}; start a new sweep with tune.name=... (sweeps written by this "
-                          "version replace these files whole, never cut off)")
+        path = _newest(exp_dir, pattern)
+        if path is not None and not _complete_pickle(path):
+            raise _cannot_resume(exp_dir, f"{path} (the search algorithm's state) is incomplete")
+
+
+def _cannot_resume(exp_dir: Path, damaged: str) -> ConfigError:
+    return ConfigError(f"{damaged}: the sweep cannot be resumed from it. Finished trials' runs stay under "
+                       f"{exp_dir / RUNS}; start a new sweep with tune.name=... (sweeps written by this "
+                       "version replace these files whole, never cut off)")
 
 
 def resume_sweep(exp_dir: str | Path, resume_errored: bool = False) -> SweepResult:
