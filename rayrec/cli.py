@@ -15,7 +15,7 @@ EPILOG = "Overrides use dotted keys, e.g. train.lr=0.001 model.head=ce scale.num
 
 def _metric_table(metrics: dict, title: str) -> str:
     rows = [(k, v) for k, v in sorted(metrics.items())
-            if isinstance(v, float) and k.startswith(("val_", "test_", "best_", "baseline_")) and not k.endswith("_users")]
+            if isinstance(v, float) and k.startswith(("val_", "test_", "best_", "baseline_")) and not k.endswith(("_users", "_repeat_targets"))]
     w = max((len(k) for k, _ in rows), default=10)
     return "\n".join([title] + [f"  {k:<{w}}  {v:.4f}" for k, v in rows])
 
@@ -35,8 +35,10 @@ def cmd_prepare(a) -> None:
 def cmd_train(a) -> None:
     from rayrec.data.prepare import ensure_log
     from rayrec.train.fit import fit
+    from rayrec.train.preflight import check_output_dir
 
     cfg = load_config(a.config, a.overrides)
+    check_output_dir(cfg)  # before converting data or starting Ray
     ensure_log(cfg.data)
     res = fit(cfg)
     print(_metric_table(res.metrics, f"\nfinished {cfg.name}: best epoch {res.metrics.get('best_epoch')} "

@@ -117,6 +117,10 @@ class EvalConfig:
     metric: str = "val_ndcg_10"  # checkpoint selection and early stopping; always a validation metric
     batch_size: int = 256
     exclude_seen: bool = True  # full ranking: a user's history items are never recommended
+    # a held-out item already in the user's history (re-purchase, duplicated last event): 'drop' the
+    # user from the metric (RecTools/eSASRec leave-one-out protocol), count it as a 'miss' (it is
+    # masked with the history), or 'rank' it (the target alone is left unmasked); counted either way
+    repeat_targets: Literal["drop", "miss", "rank"] = "drop"
     diffusion_inference: Literal["single", "multi"] = "single"  # masked_diffusion: one mask token, or K unmasked iteratively
     diffusion_k: int = 10  # multi: mask tokens appended = length of the recommended list
     diffusion_threshold: float = 0.9  # multi: accept a position whose confidence reaches this

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rayrec.eval.metrics import metric_sums, rank_of_target
+from rayrec.eval.metrics import MISS_RANK, metric_sums, rank_of_target
 
 
 def test_metrics_match_hand_computed_values():
@@ -33,7 +33,7 @@ def test_ties_count_as_a_random_order_not_in_the_targets_favour():
     scores[2, :5] = float("-inf")
     target = torch.tensor([7, 2, 5])
     ranks, ties = rank_of_target(scores, scores[torch.arange(3), target])
-    assert ranks.tolist() == [0, 0, n - 6] and ties.tolist() == [n - 1, 3, 0]
+    assert ranks.tolist() == [0, 0, MISS_RANK] and ties.tolist() == [n - 1, 3, 0]
     s = metric_sums(ranks[:1], [1, 10], ties[:1])
     assert s["hr_1"] == pytest.approx(1 / n) and s["hr_10"] == pytest.approx(10 / n)
     assert s["ndcg_10"] == pytest.approx(sum(1 / math.log2(p + 2) for p in range(10)) / n)

@@ -96,6 +96,24 @@ class SequenceStore:
         """Rows evaluated at ``stage`` ('val' or 'test'); the same rows for leave-last-two-out."""
         return np.flatnonzero(self.target_pos(stage) >= 0)
 
+    def repeat_targets(self, stage: str) -> np.ndarray:
+        """(U,) bool: the user's ``stage`` target item already occurs earlier in their sequence
+        (a re-purchase, a duplicated last event). Full ranking masks history items, so such a
+        target cannot be recommended; ``eval.repeat_targets`` decides what that means."""
+        pos = self.target_pos(stage)
+        rows = np.flatnonzero(pos > 0)
+        out = np.zeros(len(self.user_idx), dtype=bool)
+        if not len(rows):
+            return out
+        stride = self.num_items + 1
+        start = self.offsets[rows]
+        target_keys = rows * stride + self.items[start + pos[rows]]
+        L = pos[rows]
+        flat = np.repeat(start - np.r_[0, np.cumsum(L)[:-1]], L) + np.arange(L.sum())
+        history_keys = np.repeat(rows, L) * stride + self.items[flat]
+        out[rows] = _member(target_keys, sorted_unique(history_keys))
+        return out
+
     def target_pos(self, stage: str) -> np.ndarray:
         """Where each user's history ends: the val/test target, or 'next' = after the whole sequence."""
         if stage not in ("val", "test", "next"):

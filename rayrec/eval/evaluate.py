@@ -18,7 +18,7 @@ from rayrec.eval.metrics import metric_sums, rank_of_target
 COVERAGE_K = 10
 
 
-def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
@@ -59,16 +59,19 @@ def evaluate(model, store: SequenceStore, cfg: EvalConfig, max_len: int, stage: 
             for m in ("ndcg", "hr", "mrr") for k in cfg.ks}
     n_items = store.num_items
     topk_hits = torch.zeros(n_items + 1, dtype=torch.float64, device=device)
-    users = store.eval_users(stage)
+    users, repeats = eval_users(store, stage, cfg.repeat_targets)
     # batches of similar history lengths, each trimmed to its longest: metrics are order-free sums
     users = users[np.argsort(store.target_pos(stage)[users], kind="stable")]
     for lo in range(0, len(users), cfg.batch_size):
         b = eval_batch(store, users[lo: lo + cfg.batch_size], max_len, stage, trim=True)
         target = torch.from_numpy(b["target"]).to(device)
         scores = score_batch(model, b, device)  # (B, N+1)
+        check_finite(scores, stage)
         rows = torch.arange(len(target), device=device)
         if "full" in protocols:
             full = mask_seen(scores.clone(), b) if cfg.exclude_seen else scores.clone()
+            if cfg.exclude_seen and cfg.repeat_targets == "rank":  # the target alone stays rankable
+                full[rows, target] = scores[rows, target]
             ranks, ties = rank_of_target(full, full[rows, target])
             for k, v in metric_sums(ranks, cfg.ks, ties).items():
                 sums[k] += v
@@ -79,14 +82,41 @@ def evaluate(model, store: SequenceStore, cfg: EvalConfig, max_len: int, stage: 
             ranks, ties = rank_of_target(scores.gather(1, negs), scores[rows, target], target_in_scores=False)
             for k, v in metric_sums(ranks, cfg.ks, ties).items():
                 sums["sampled_" + k] += v
-    keys = sorted(sums)
-    vec = torch.tensor([sums[k] for k in keys] + [float(len(users))], dtype=torch.float64, device=device)
-    vec = _all_reduce(vec)
-    count = vec[-1].item()
-    out = {f"{stage}_{k}": (vec[i].item() / count if count else 0.0) for i, k in enumerate(keys)}
+    out = reduce_means(sums, len(users), repeats, stage, device)
     if "full" in protocols:
-        covered = _all_reduce(topk_hits, dist.ReduceOp.MAX if dist.is_initialized() else None)
+        covered = all_reduce(topk_hits, dist.ReduceOp.MAX if dist.is_initialized() else None)
         out[f"{stage}_coverage_{COVERAGE_K}"] = covered[1:].sum().item() / n_items
-    out[f"{stage}_users"] = count
     model.train(was_training)
     return out
+
+
+def eval_users(store: SequenceStore, stage: str, repeat_policy: str) -> tuple[np.ndarray, int]:
+    """This rank's users evaluated at ``stage`` under ``eval.repeat_targets``, and how many of its
+    users have a repeat target (dropped under 'drop', evaluated under 'miss' and 'rank')."""
+    users = store.eval_users(stage)
+    repeat = store.repeat_targets(stage)[users]
+    return (users[~repeat] if repeat_policy == "drop" else users), int(repeat.sum())
+
+
+def reduce_means(sums: dict[str, float], users: int, repeats: int, stage: str, device) -> dict[str, float]:
+    """Per-user means over every rank, with the users they average over and the repeat-target count.
+
+    Over no users there is no mean: the metrics are NaN (never a 0.0 that reads as a measured
+    miss); fit() refuses such a run before training, so only a hand-built store reaches this."""
+    keys = sorted(sums)
+    vec = all_reduce(torch.tensor([sums[k] for k in keys] + [float(users), float(repeats)],
+                                   dtype=torch.float64, device=device))
+    count = vec[-2].item()
+    out = {f"{stage}_{k}": (vec[i].item() / count if count else float("nan")) for i, k in enumerate(keys)}
+    out[f"{stage}_users"] = count
+    out[f"{stage}_repeat_targets"] = vec[-1].item()
+    return out
+
+
+def check_finite(scores: torch.Tensor, stage: str) -> None:
+    """NaN scores would rank the target first (no comparison with NaN is true): refuse them."""
+    if torch.isnan(scores).any():
+        n = int(torch.isnan(scores).any(dim=1).sum())
+        raise FloatingPointError(
+            f"the model scored NaN for {n} {stage} user(s): training diverged. Lower train.lr, set "
+            "train.grad_clip (e.g. 1.0), or resume from an earlier checkpoint; no metric was computed from them")

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import torch
 
+# The rank given to a target that cannot be recommended (masked, -inf): past any cut-off k, so it is
+# a miss whatever k is and however few candidates are left unmasked.
+MISS_RANK = 1 << 40
+
 
 def rank_of_target(scores: torch.Tensor, target_scores: torch.Tensor,
                    target_in_scores: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -16,12 +20,16 @@ def rank_of_target(scores: torch.Tensor, target_scores: torch.Tensor,
     model gives many items the same score. Counting them in the target's favour would let a model
     that scores everything alike rank every target first. ``target_in_scores``: the target is one
     of the columns (full ranking), so it is not its own tie. Masked candidates carry -inf and never
-    outrank anything; a masked target (-inf) is a miss, its ties with other masked items ignored.
+    outrank anything. A masked target (-inf) is a miss: it gets ``MISS_RANK`` and no ties, so it
+    stays out of the top k even when fewer than k candidates are unmasked (ranking it only below
+    the finite scores would put it inside the top k of a short candidate list).
     """
     t = target_scores[:, None]
     above = (scores > t).sum(dim=1)
     ties = (scores == t).sum(dim=1) - int(target_in_scores)
-    return above, torch.where(torch.isfinite(target_scores), ties.clamp(min=0), torch.zeros_like(ties))
+    masked = ~torch.isfinite(target_scores)
+    return (torch.where(masked, torch.full_like(above, MISS_RANK), above),
+            torch.where(masked, torch.zeros_like(ties), ties.clamp(min=0)))
 
 
 def _prefix(values: torch.Tensor) -> torch.Tensor:

@@ -12,17 +12,11 @@ import torch.distributed as dist
 
 from rayrec.config import EvalConfig
 from rayrec.data.batches import SequenceStore, eval_batch
-from rayrec.eval.metrics import metric_sums
+from rayrec.eval.evaluate import all_reduce, eval_users, reduce_means
+from rayrec.eval.metrics import MISS_RANK as MISS, metric_sums
 from rayrec.models.diffusion import generate
 
 COVERAGE_K = 10
-MISS = 1 << 30  # the rank of a target absent from the list: outside every cut-off
-
-
-def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
 
 
 def list_ranks(recs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -41,27 +35,31 @@ def evaluate_multistep(model, store: SequenceStore, cfg: EvalConfig, max_len: in
     sums = {f"{m}_{k}": 0.0 for m in ("ndcg", "hr", "mrr") for k in cfg.ks}
     n_items = store.num_items
     listed = torch.zeros(n_items + 1, dtype=torch.float64, device=device)
-    users = store.eval_users(stage)  # the time split holds out different users for val and test
+    # the time split holds out different users for val and test
+    users, repeats = eval_users(store, stage, cfg.repeat_targets)
     for lo in range(0, len(users), cfg.batch_size):
         b = eval_batch(store, users[lo: lo + cfg.batch_size], max_len, stage)
         items = torch.from_numpy(b["items"]).long().to(device)
-        seen = {}
+        target = torch.from_numpy(b["target"]).to(device)
+        seen, masked = {}, torch.zeros_like(target, dtype=torch.bool)
         if cfg.exclude_seen:
-            seen = {"seen_rows": torch.from_numpy(b["seen_rows"]).to(device),
-                    "seen_items": torch.from_numpy(b["seen_items"]).to(device)}
+            rows, seen_items = torch.from_numpy(b["seen_rows"]).to(device), torch.from_numpy(b["seen_items"]).to(device)
+            is_target = seen_items == target[rows]
+            if cfg.repeat_targets == "rank":  # the target alone stays listable
+                rows, seen_items = rows[~is_target], seen_items[~is_target]
+            else:
+                masked[rows[is_target]] = True
+            seen = {"seen_rows": rows, "seen_items": seen_items}
         recs = generate(model, items, cfg.diffusion_k, users=torch.from_numpy(b["user_idx"]).long().to(device),
                         threshold=cfg.diffusion_threshold, decay=cfg.diffusion_decay,
                         temperature=cfg.diffusion_temperature, generator=gen, **seen)  # (B, K)
-        ranks = list_ranks(recs, torch.from_numpy(b["target"]).to(device))
+        # a masked target is a miss even if a list longer than the unmasked catalogue reached it
+        ranks = torch.where(masked, torch.full_like(target, MISS), list_ranks(recs, target))
         for k, v in metric_sums(ranks, cfg.ks).items():
             sums[k] += v
         listed.index_fill_(0, recs[:, :COVERAGE_K].flatten(), 1.0)
-    keys = sorted(sums)
-    vec = _all_reduce(torch.tensor([sums[k] for k in keys] + [float(len(users))], dtype=torch.float64, device=device))
-    count = vec[-1].item()
-    out = {f"{stage}_{k}": (vec[i].item() / count if count else 0.0) for i, k in enumerate(keys)}
-    covered = _all_reduce(listed, dist.ReduceOp.MAX if dist.is_available() and dist.is_initialized() else None)
+    out = reduce_means(sums, len(users), repeats, stage, device)
+    covered = all_reduce(listed, dist.ReduceOp.MAX if dist.is_available() and dist.is_initialized() else None)
     out[f"{stage}_coverage_{COVERAGE_K}"] = covered[1:].sum().item() / n_items  # index 0: an empty slot
-    out[f"{stage}_users"] = count
     model.train(was_training)
     return out
