@@ -15,6 +15,7 @@ from rayrec.data.sequences import SequenceData, build_sequences
 from rayrec.ray_env import init_ray
 from rayrec.train import faults
 from rayrec.train.loop import train_loop
+from rayrec.train.preflight import check_output_dir, check_trainable
 from rayrec.train.stages import chain_sft, check_init_from
 
 log = logging.getLogger("rayrec.train")
@@ -209,11 +210,13 @@ def _prune_unregistered(run_dir: Path, result) -> None:
 
 def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
     """Train one config; ``callbacks`` are Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
-    _check_run_dir(cfg)  # before starting Ray: a refused run costs nothing
+    check_output_dir(cfg)  # before starting Ray: a refused run costs nothing
+    _check_run_dir(cfg)
     init_ray()
     _check_resources(cfg)
     check_init_from(cfg)
     data = build_sequences(cfg.data)
+    check_trainable(cfg, data.meta)  # before the trainer: no run folder, no checkpoint for nothing
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())

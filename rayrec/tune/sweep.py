@@ -179,11 +179,13 @@ def _prepare(cfg: Config) -> None:
     """Data work done once on the driver, so concurrent trials only read the cache."""
     from rayrec.data.prepare import ensure_log
     from rayrec.data.sequences import build_sequences
+    from rayrec.train.preflight import check_output_dir, check_trainable
 
+    check_output_dir(cfg)
     ensure_log(cfg.data)
     _init_ray()
     _check_capacity(cfg)
-    build_sequences(cfg.data)
+    check_trainable(cfg, build_sequences(cfg.data).meta)
 
 
 def _absolute_paths(cfg: Config) -> None:
