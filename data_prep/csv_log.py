@@ -16,14 +16,14 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from data_prep.common import DataPrepError, canonicalize, write_log
-
-_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+from data_prep.common import TIME_UNITS as _UNITS
+from data_prep.common import DataPrepError, canonicalize, mixed_units_message, reading, run_cli, write_log
 _PARQUET_EXT = (".parquet", ".pq")
 
 
@@ -47,8 +47,9 @@ def _read_parquet(path: Path, want: list[str]) -> tuple[pa.Table, list[Path]]:
         raise DataPrepError(f"{path}: folder holds no .parquet files.")
     tables = []
     for f in files:
-        _check(pq.read_schema(f).names, want, str(f))
-        tables.append(pq.read_table(f, columns=list(dict.fromkeys(want))))
+        with reading(f):
+            _check(pq.read_schema(f).names, want, str(f))
+            tables.append(pq.read_table(f, columns=list(dict.fromkeys(want))))
     # Writers differ in int widths or string kinds between files; promote rather than fail.
     return pa.concat_tables(tables, promote_options="permissive"), files
 
@@ -72,11 +73,21 @@ def _read_csv(path: Path, want: list[str], sep: str, no_header: bool, as_string:
     try:
         return pcsv.read_csv(str(path), read_options=read, parse_options=parse, convert_options=conv)
     except pa.ArrowInvalid as e:
-        raise DataPrepError(f"{path}: cannot parse CSV ({e}).") from None
+        fix = "; re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)" if "utf8" in str(e).lower() else ""
+        raise DataPrepError(f"{path}: cannot parse CSV ({e}){fix}.") from None
 
 
 def _examples(col: pa.ChunkedArray, mask: pa.ChunkedArray, n: int = 3) -> list:
     return col.filter(mask).slice(0, n).to_pylist()
+
+
+def _check_units(col: pa.ChunkedArray, where: str) -> None:
+    """Mixed units must be caught before --time-unit rescales them (afterwards the seconds of a
+    s/ms mix no longer look like dates)."""
+    ts = np.nan_to_num(pc.fill_null(pc.cast(col, pa.float64()), 0).to_numpy(), nan=0.0)
+    msg = mixed_units_message(ts, lambda i: f"data row {i + 1}: {col[i].as_py()}", where or "time column")
+    if msg:
+        raise DataPrepError(msg + ".")
 
 
 def to_unix_seconds(
@@ -113,9 +124,11 @@ def to_unix_seconds(
     if pa.types.is_timestamp(t):
         return pc.cast(pc.cast(col, pa.timestamp("s"), safe=False), pa.int64())
     if pa.types.is_integer(t):
+        _check_units(col, where)
         return pc.divide(pc.cast(col, pa.int64()), _UNITS[unit])
     if pa.types.is_floating(t) or pa.types.is_decimal(t):
         col = pc.cast(col, pa.float64())
+        _check_units(col, where)
         # NaN must become null before the int cast, which would otherwise turn it into INT64_MIN.
         col = pc.if_else(pc.is_nan(col), pa.scalar(None, pa.float64()), col)
         return pc.cast(pc.floor(pc.divide(col, float(_UNITS[unit]))), pa.int64(), safe=False)
@@ -123,13 +136,28 @@ def to_unix_seconds(
 
 
 def _int_if_integral(col: pa.ChunkedArray, name: str, where: str) -> pa.ChunkedArray:
-    """Float ids (pandas turns int columns with a gap into float) become int64 if they are whole."""
+    """Float ids (pandas turns int columns with a gap into float, and a CSV column with one '12.0'
+    is read as float) become int64 if they are whole, so '12.0' and '12' are the same id. Beyond
+    2**53 a float no longer holds every integer, so distinct ids could merge: that is an error."""
+    if pa.types.is_unsigned_integer(col.type):
+        too_big = pc.greater_equal(pc.cast(col, pa.uint64()), pa.scalar(2**63, pa.uint64()))
+        if pc.any(too_big).as_py():
+            raise DataPrepError(f"{where}: column {name!r} has ids >= 2**63 such as {_examples(col, too_big)}, "
+                                "too large for int64; pass --string-ids (CSV) or store the ids as strings.")
+        return pc.cast(col, pa.int64())
     if not pa.types.is_floating(col.type):
         return col
     col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
     frac = pc.not_equal(col, pc.floor(col))
     if pc.any(frac).as_py():
-        raise DataPrepError(f"{where}: column {name!r} has non-integer ids such as {_examples(col, frac)}.")
+        raise DataPrepError(f"{where}: column {name!r} has non-integer ids such as {_examples(col, frac)}; "
+                            "pass --string-ids to keep them as text.")
+    huge = pc.greater_equal(pc.abs(col), 2.0**53)
+    if pc.any(huge).as_py():
+        raise DataPrepError(
+            f"{where}: column {name!r} has ids too large to read as numbers exactly, such as "
+            f"{[int(v) if v == v else v for v in _examples(col, huge)]} (ids >= 2**53 in a column read as float, "
+            "or >= 2**63); pass --string-ids to read the ids as text.")
     return pc.cast(col, pa.int64())
 
 
@@ -147,11 +175,13 @@ def convert(
     fmt: str | None = None,
     no_header: bool = False,
     string_ids: bool = False,
+    keep_duplicates: bool = False,
 ) -> Path:
     """Convert a CSV/Parquet log to ``out_dir``; returns the parquet path.
 
     ``fmt`` is 'csv' or 'parquet' (default: guessed); ``no_header`` names CSV columns f0, f1, ...;
-    ``string_ids`` keeps CSV ids as text (so '007' and '7' stay distinct users).
+    ``string_ids`` keeps CSV ids as text (so '007' and '7' stay distinct users; surrounding
+    whitespace is stripped and counted); ``keep_duplicates`` keeps exact duplicate events.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -167,7 +197,8 @@ def convert(
         raw, inputs = _read_parquet(path, want)
     elif fmt == "csv":
         as_string = ([user_col, item_col] if string_ids else []) + ([time_col] if time_format else [])
-        raw, inputs = _read_csv(path, want, sep, no_header, as_string), [path]
+        with reading(path):
+            raw, inputs = _read_csv(path, want, sep, no_header, as_string), [path]
     else:
         raise DataPrepError(f"format must be 'csv' or 'parquet', got {fmt!r}")
 
@@ -183,8 +214,8 @@ def convert(
             cols["rating"] = pc.cast(cols["rating"], pa.float32())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
             raise DataPrepError(f"{where}: rating column {rating_col!r} is not numeric ({e}).") from None
-    table, drops = canonicalize(pa.table(cols), f"csv_log:{path}")
-    extra = {"format": fmt, "source_columns": mapping, "time_format": time_format, "time_unit": time_unit}
+    table, drops, notes = canonicalize(pa.table(cols), f"csv_log:{path}", keep_duplicates=keep_duplicates)
+    extra = {"format": fmt, "source_columns": mapping, "time_format": time_format, "time_unit": time_unit, **notes}
     return write_log(table, out_dir, source="csv_log", inputs=inputs, drops=drops, extra=extra)
 
 
@@ -201,18 +232,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--time-unit", choices=list(_UNITS), default="s", help="unit of numeric times (default: s)")
     p.add_argument("--format", choices=["csv", "parquet"], help="force the input format")
     p.add_argument("--no-header", action="store_true", help="CSV has no header; columns are named f0, f1, ...")
-    p.add_argument("--string-ids", action="store_true", help="read CSV user/item ids as text, not numbers")
+    p.add_argument("--string-ids", action="store_true",
+                   help="read CSV user/item ids as text, not numbers: '007' and '7', or '12.0' and '12', are then "
+                   "different ids ('5', ' 5' and '5 ' are one: surrounding whitespace is stripped and counted in "
+                   "meta.json). Without it ids are parsed as numbers: '12.0' and '12' are the same id 12, a "
+                   "non-integer id or one too large for an exact int64 is an error")
+    p.add_argument("--keep-duplicates", action="store_true",
+                   help="keep exact duplicate (user, item, time) rows; by default all but the first are dropped "
+                   "and counted in meta.json (a repeated identical event is a logging artifact)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     convert(
         a.input, a.out, user_col=a.user_col, item_col=a.item_col, time_col=a.time_col, rating_col=a.rating_col,
         sep="\t" if a.sep in ("\\t", "tab") else a.sep, time_format=a.time_format, time_unit=a.time_unit,
-        fmt=a.format, no_header=a.no_header, string_ids=a.string_ids,
+        fmt=a.format, no_header=a.no_header, string_ids=a.string_ids, keep_duplicates=a.keep_duplicates,
     )
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataPrepError as e:  # a user error, not a bug: the message, without a traceback
-        raise SystemExit(f"error: {e}") from None
+    run_cli(main)

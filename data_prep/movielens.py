@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from data_prep.common import DataPrepError, canonicalize, log, write_log
+from data_prep.common import TIME_UNITS, DataPrepError, canonicalize, log, reading, run_cli, write_log
 
 DATASETS = ("ml-100k", "ml-1m", "ml-10m", "ml-latest-small", "ml-latest", "ml-20m", "ml-25m", "ml-32m")
 URL = "https://files.grouplens.org/datasets/movielens/{name}.zip"
@@ -86,10 +86,11 @@ def _read(stream: Any, fmt: str, where: str) -> pa.Table:
         conv = pcsv.ConvertOptions(include_columns=list(keep), column_types={k: _TYPES[v] for k, v in keep.items()})
     else:
         raise DataPrepError(f"unknown MovieLens format {fmt!r}; choose one of {FORMATS}")
-    try:
-        table = pcsv.read_csv(stream, read_options=read, parse_options=parse, convert_options=conv)
-    except (pa.ArrowInvalid, pa.ArrowKeyError) as e:
-        raise DataPrepError(f"{where}: not a valid MovieLens {fmt!r} ratings file ({e}).") from None
+    with reading(where):  # a truncated .gz: OSError
+        try:
+            table = pcsv.read_csv(stream, read_options=read, parse_options=parse, convert_options=conv)
+        except (pa.ArrowInvalid, pa.ArrowKeyError) as e:
+            raise DataPrepError(f"{where}: not a valid MovieLens {fmt!r} ratings file ({e}).") from None
     return table.rename_columns([keep[c] for c in table.column_names]).select(list(_NAMES))
 
 
@@ -169,18 +170,22 @@ def convert(
     fmt: str | None = None,
     min_rating: float | None = None,
     dataset: str | None = None,
+    time_unit: str = "s",
+    keep_duplicates: bool = False,
 ) -> Path:
-    """Convert a MovieLens ratings file/.gz/folder/.zip to ``out_dir``; returns the parquet path."""
-    raw, fmt, fingerprint = read_ratings(path, fmt)
+    """Convert a MovieLens ratings file/.gz/folder/.zip to ``out_dir``; returns the parquet path.
+    ``time_unit`` is the unit of the file's timestamps (GroupLens releases use seconds)."""
+    with reading(path):
+        raw, fmt, fingerprint = read_ratings(path, fmt)
     dataset = dataset or _guess_dataset(Path(path)) or _guess_dataset(fingerprint)
-    table, drops = canonicalize(raw, f"movielens:{path}")
+    table, drops, notes = canonicalize(raw, f"movielens:{path}", keep_duplicates=keep_duplicates, time_unit=time_unit)
     if min_rating is not None:
         keep = pc.greater_equal(table["rating"], pa.scalar(min_rating, pa.float32()))
         table = table.filter(keep)
         drops["below_min_rating"] = len(keep) - table.num_rows
         if table.num_rows == 0:
             raise DataPrepError(f"{path}: no ratings >= {min_rating} left.")
-    extra = {"format": fmt, "dataset": dataset, "min_rating": min_rating}
+    extra = {"format": fmt, "dataset": dataset, "min_rating": min_rating, "time_unit": time_unit, **notes}
     return write_log(table, out_dir, source="movielens", inputs=[fingerprint], drops=drops, extra=extra)
 
 
@@ -193,14 +198,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--format", choices=FORMATS, help="force the format instead of guessing from the file name")
     p.add_argument("--min-rating", type=float, help="keep only ratings >= this")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where --download keeps zips (%(default)s)")
+    p.add_argument("--time-unit", choices=list(TIME_UNITS), default="s",
+                   help="unit of the file's timestamps, stored as seconds (default: s, as GroupLens releases)")
+    p.add_argument("--keep-duplicates", action="store_true",
+                   help="keep exact duplicate (user, item, time) rows; by default all but the first are dropped "
+                   "and counted in meta.json (a repeated identical event is a logging artifact)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = download(a.download, a.cache_dir) if a.download else a.input
-    convert(path, a.out, fmt=a.format, min_rating=a.min_rating, dataset=a.download)
+    convert(path, a.out, fmt=a.format, min_rating=a.min_rating, dataset=a.download, time_unit=a.time_unit,
+            keep_duplicates=a.keep_duplicates)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataPrepError as e:  # a user error, not a bug: the message, without a traceback
-        raise SystemExit(f"error: {e}") from None
+    run_cli(main)

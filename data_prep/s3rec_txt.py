@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from data_prep.common import DataPrepError, canonicalize, log, synthesize_timestamps, write_log
-from data_prep.sasrec_txt import TIMESTAMP_NOTE, _read_bytes, text_cli
+from data_prep.common import DataPrepError, canonicalize, log, run_cli, synthesize_timestamps, write_log
+from data_prep.sasrec_txt import TIMESTAMP_NOTE, _read_bytes, int64_ids, text_cli
 
 _SHOW_BAD = 5
 
@@ -32,9 +32,11 @@ def read_s3rec(path: str | os.PathLike, *, skip_bad_lines: bool = False) -> tupl
         if not fields:
             continue
         try:
-            ids = np.array([int(f) for f in fields], dtype=np.int64)
+            ids = np.array(int64_ids(fields, path, no), dtype=np.int64)
             if len(ids) < 2:
                 raise ValueError
+        except DataPrepError:
+            raise
         except ValueError:
             bad.append((no, line))
             continue
@@ -55,10 +57,11 @@ def read_s3rec(path: str | os.PathLike, *, skip_bad_lines: bool = False) -> tupl
     return table, ({"bad_line": len(bad)} if bad else {})
 
 
-def convert(path: str | os.PathLike, out_dir: str | os.PathLike, *, skip_bad_lines: bool = False) -> Path:
+def convert(path: str | os.PathLike, out_dir: str | os.PathLike, *, skip_bad_lines: bool = False,
+            keep_duplicates: bool = False) -> Path:
     raw, drops = read_s3rec(path, skip_bad_lines=skip_bad_lines)
-    table, null_drops = canonicalize(raw, f"s3rec_txt:{path}")
-    extra = {"format": "s3rec_txt", "timestamps": TIMESTAMP_NOTE}
+    table, null_drops, notes = canonicalize(raw, f"s3rec_txt:{path}", keep_duplicates=keep_duplicates)
+    extra = {"format": "s3rec_txt", "timestamps": TIMESTAMP_NOTE, **notes}
     return write_log(table, out_dir, source="s3rec_txt", inputs=[path], drops={**drops, **null_drops}, extra=extra)
 
 
@@ -67,7 +70,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataPrepError as e:
-        raise SystemExit(f"error: {e}") from None
+    run_cli(main)

@@ -19,17 +19,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
-from data_prep.common import DataPrepError, canonicalize, log, synthesize_timestamps, write_log
+from data_prep.common import DataPrepError, canonicalize, log, reading, run_cli, synthesize_timestamps, write_log
 
 TIMESTAMP_NOTE = "synthesized from line order (the source has none)"
 _SHOW_BAD = 5
 
 
+_INT64 = (-(2**63), 2**63)
+
+
 def _read_bytes(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"  # by content: a renamed .gz should still work
-    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
-        return f.read()
+    with reading(path):
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"  # by content: a renamed .gz should still work
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            return f.read()
+
+
+def int64_ids(fields: list[bytes], path: Path, no: int) -> list[int]:
+    """The line's fields as ints; ValueError for a non-number, DataPrepError for one beyond int64."""
+    ids = [int(f) for f in fields]
+    for v in ids:
+        if not _INT64[0] <= v < _INT64[1]:
+            raise DataPrepError(f"{path}: line {no}: id {v} does not fit in int64 (ids must be < 2**63); "
+                                "convert the file with csv_log --string-ids to keep such ids as text.")
+    return ids
 
 
 def _fast(data: bytes) -> pa.Table | None:
@@ -57,7 +71,9 @@ def _slow(data: bytes, source: str, skip_bad_lines: bool) -> tuple[pa.Table, int
         try:
             if len(fields) != 2:
                 raise ValueError
-            u, i = int(fields[0]), int(fields[1])
+            u, i = int64_ids(fields, Path(source), no)
+        except DataPrepError:
+            raise
         except ValueError:
             bad.append((no, line))
             continue
@@ -92,11 +108,13 @@ def read_sasrec(path: str | os.PathLike, *, skip_bad_lines: bool = False) -> tup
     return table, ({"bad_line": n_bad} if n_bad else {})
 
 
-def convert(path: str | os.PathLike, out_dir: str | os.PathLike, *, skip_bad_lines: bool = False) -> Path:
-    """Convert a SASRec text file to ``out_dir``; returns the parquet path."""
+def convert(path: str | os.PathLike, out_dir: str | os.PathLike, *, skip_bad_lines: bool = False,
+            keep_duplicates: bool = False) -> Path:
+    """Convert a SASRec text file to ``out_dir``; returns the parquet path. Synthesized times are
+    distinct, so no two rows are exact duplicates here."""
     raw, drops = read_sasrec(path, skip_bad_lines=skip_bad_lines)
-    table, null_drops = canonicalize(raw, f"sasrec_txt:{path}")
-    extra = {"format": "sasrec_txt", "timestamps": TIMESTAMP_NOTE}
+    table, null_drops, notes = canonicalize(raw, f"sasrec_txt:{path}", keep_duplicates=keep_duplicates)
+    extra = {"format": "sasrec_txt", "timestamps": TIMESTAMP_NOTE, **notes}
     return write_log(table, out_dir, source="sasrec_txt", inputs=[path], drops={**drops, **null_drops}, extra=extra)
 
 
@@ -106,9 +124,11 @@ def text_cli(doc: str, convert_fn, argv: list[str] | None) -> None:
     p.add_argument("input", help="the .txt (or .txt.gz) file")
     p.add_argument("--out", required=True, help="output folder for interactions.parquet + meta.json")
     p.add_argument("--skip-bad-lines", action="store_true", help="drop malformed lines instead of failing")
+    p.add_argument("--keep-duplicates", action="store_true",
+                   help="keep exact duplicate rows (none arise here: the synthesized times are distinct)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    convert_fn(a.input, a.out, skip_bad_lines=a.skip_bad_lines)
+    convert_fn(a.input, a.out, skip_bad_lines=a.skip_bad_lines, keep_duplicates=a.keep_duplicates)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,7 +136,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataPrepError as e:  # a user error, not a bug: the message, without a traceback
-        raise SystemExit(f"error: {e}") from None
+    run_cli(main)

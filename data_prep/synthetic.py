@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
-from data_prep.common import DataPrepError, write_log
+from data_prep.common import DataPrepError, run_cli, write_log
 
 
 @dataclass
@@ -103,4 +103,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -51,6 +51,9 @@ class DataConfig:
     eval_negatives: int = 100  # candidates per user for the sampled protocol, fixed at build time
     num_buckets: int = 0  # user-hash buckets for the sequence build; 0 = from the data size
     seed: int = 0  # seeds the persisted evaluation negatives
+    # drop exact duplicate (user, item, timestamp) events, keeping the first (counted): a logging
+    # artifact that, as a user's last event, makes the held-out target a repeat of the event before it
+    drop_duplicates: bool = True
 
 
 @dataclass

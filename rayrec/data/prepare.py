@@ -28,6 +28,16 @@ def ensure_log(cfg: DataConfig, force: bool = False) -> str:
     if path.endswith(".parquet") and Path(path).name != "interactions.parquet":
         raise DataError(f"data.log must end in interactions.parquet when data.source converts into it, got {path}")
     log.info("converting %s source %r into %s", src.kind, src.path, out_dir)
+    from data_prep.common import DataPrepError
+
+    try:
+        _convert(src, out_dir)
+    except DataPrepError as e:  # the converter's message, shown as `error: ...` like any data error
+        raise DataError(str(e)) from None
+    return cfg.log
+
+
+def _convert(src, out_dir: Path) -> None:
     if src.kind == "synthetic":
         from data_prep.common import write_log
         from data_prep.synthetic import SyntheticSpec, generate
@@ -53,7 +63,6 @@ def ensure_log(cfg: DataConfig, force: bool = False) -> str:
         from data_prep import csv_log
 
         csv_log.convert(src.path, out_dir, user_col=src.user_col, item_col=src.item_col, time_col=src.time_col)
-    return cfg.log
 
 
 def report_table(meta: dict) -> str:
@@ -66,6 +75,10 @@ def report_table(meta: dict) -> str:
     rows += [(f"after {s['step']}", f"{s['rows']:,} rows, {s['users']:,} users, {s['items']:,} items")
              for s in meta.get("steps", [])[1:]]
     rows += [(f"dropped: {k}", f"{v:,}") for k, v in meta["drops"].items()]
+    dup = meta.get("duplicates")
+    if dup:
+        rows.append(("duplicate events", f"{dup['rows']:,} " + ("dropped (data.drop_duplicates)" if dup["dropped"]
+                                                                else "kept in sequences (data.drop_duplicates=false)")))
     split = meta.get("split", {})
     if split.get("kind") == "time":
         rows.append(("time cut", f"timestamp {split['cut_timestamp']} (quantile {split['time_quantile']})"))
@@ -73,6 +86,9 @@ def report_table(meta: dict) -> str:
               "users_without_pre_cut_events", "users_without_eligible_holdout"):
         if k in split:
             rows.append((f"users: {k.replace('_users', '').replace('users_', '').replace('_', ' ')}", f"{split[k]:,}"))
+    for stage in ("val", "test"):
+        if f"{stage}_repeat_targets" in split:
+            rows.append((f"{stage} targets already in history", f"{split[f'{stage}_repeat_targets']:,} users"))
     rows += [(f"users {k}", f"{v:,}") for k, v in meta.get("users_by_length", {}).items()]
     inputs = meta.get("inputs", [])
     rows.append(("input files", f"{len(inputs)} ({sum(i['bytes'] for i in inputs) / 2**20:,.1f} MiB)"))

@@ -5,7 +5,7 @@ count users and items on the driver, apply the min-interaction filters / k-core 
 build the item vocab (1..N, 0 = padding) → for split=time find the cut and the pre-cut items
 (split.py) → bucket users by hash → drop rows no user can keep, block by block (max_history,
 post-cut events after the holdout) → group by *bucket* (never by user), sort inside each bucket
-with pyarrow and place the split → encode users → persist evaluation negatives → write a Parquet
+with pyarrow, drop exact duplicate events (data.drop_duplicates) and place the split → encode users → persist evaluation negatives → write a Parquet
 sequences dataset, vocab, data_report.json and meta.json.
 
 The result is cached under ``<cache root>/<key>/``, keyed by the input files' sha256 and the data
@@ -32,11 +32,12 @@ import pyarrow.parquet as pq
 from rayrec.config import DataConfig
 from rayrec.data.batches import SPLIT_COLUMNS, sorted_unique
 from rayrec.data.filters import Counts, apply_filters, row_mask, scan
+from rayrec.data.integrity import UnitCensus, duplicates, per_user, repeat_targets
 from rayrec.data.log import DataError, ReadUnit, fingerprint, ignored_files, list_files, plan, read_unit, resolve
 from rayrec.data.split import SplitSpec, block_keep, exact_quantile, positions
 
 log = logging.getLogger("rayrec.data")
-BUILD_VERSION = 3  # bump when the sequence format or the build's semantics change
+BUILD_VERSION = 4  # bump when the sequence format or the build's semantics change (4: duplicate events dropped)
 
 
 @dataclass
@@ -133,11 +134,24 @@ def _np(col) -> np.ndarray:
     return col.combine_chunks().to_numpy(zero_copy_only=False) if isinstance(col, pa.ChunkedArray) else col.to_numpy(zero_copy_only=False)
 
 
-def _pretruncate(t: pa.Table, item_vocab: pa.Array, keep_users: pa.Array | None, spec: SplitSpec) -> pa.Table:
+def _dedupe(t: pa.Table, lengths: np.ndarray) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """Drop exact duplicate (user, item, timestamp) rows of a sorted table, keeping the first in
+    log order; returns (table, new run lengths, rows dropped per user). No user loses every row."""
+    if not t.num_rows:
+        return t, lengths, np.zeros(len(lengths), np.int64)
+    dup = duplicates(lengths, _np(t["timestamp"]), _np(t["item"]))
+    n = per_user(lengths, dup)
+    return (t.filter(pa.array(~dup)), lengths - n, n) if n.any() else (t, lengths, n)
+
+
+def _pretruncate(t: pa.Table, item_vocab: pa.Array, keep_users: pa.Array | None, spec: SplitSpec,
+                 drop_duplicates: bool = True) -> pa.Table:
     """One input block: drop rows that cannot be among a user's stored events (split.block_keep),
     so a user with a huge share of the log cannot make its bucket's task explode. The counts of
-    dropped rows ride on one kept row per user and block."""
+    dropped rows ride on one kept row per user and block. Duplicates go first: a copy of an event
+    must not take the place of an older event among the user's most recent ``max_history``."""
     t, lengths = _filter_sort(t, item_vocab, keep_users)
+    t, lengths, dups = _dedupe(t, lengths) if drop_duplicates else (t, lengths, np.zeros(len(lengths), np.int64))
     stamps = _np(t["timestamp"])
     keep = block_keep(lengths, stamps, _np(t["item"]), spec)
     user = np.repeat(np.arange(len(lengths)), lengths)
@@ -148,25 +162,54 @@ def _pretruncate(t: pa.Table, item_vocab: pa.Array, keep_users: pa.Array | None,
     first_kept = np.full(U, -1, np.int64)
     kept_rows = np.flatnonzero(keep)
     first_kept[user[kept_rows][::-1]] = kept_rows[::-1]  # smallest kept row of each user
-    col_pre, col_post = np.zeros(len(stamps), np.int64), np.zeros(len(stamps), np.int64)
-    col_pre[first_kept] = skip_pre
-    col_post[first_kept] = skip_post
-    t = t.drop_columns(["item"]).append_column("_skip_pre", pa.array(col_pre)).append_column("_skip_post", pa.array(col_post))
+    carried = {}
+    for name, per in (("_skip_pre", skip_pre), ("_skip_post", skip_post), ("_dups", dups)):
+        carried[name] = np.zeros(len(stamps), np.int64)
+        carried[name][first_kept] = per
+    t = t.drop_columns(["item"])
+    for name, col in carried.items():
+        t = t.append_column(name, pa.array(col))
     return t.filter(pa.array(keep))
 
 
-def _bucket_sequences(t: pa.Table, item_vocab: pa.Array, keep_users: pa.Array | None, spec: SplitSpec) -> pa.Table:
-    """All users of one bucket: stable-sort, place the split (split.positions), cut list columns.
+def _carried(t: pa.Table, lengths: np.ndarray, name: str) -> np.ndarray | None:
+    """Per-user sum of a count that ``_pretruncate`` put on some of the user's rows."""
+    if name not in t.column_names or not t.num_rows:
+        return None
+    return per_user(lengths, _np(t[name]))
+
+
+def _on_first_rows(lengths: np.ndarray, per: np.ndarray | None) -> np.ndarray | None:
+    if per is None:
+        return None
+    col = np.zeros(int(lengths.sum()), np.int64)
+    col[(np.cumsum(lengths) - lengths)[lengths > 0]] = per[lengths > 0]
+    return col
+
+
+def _bucket_sequences(t: pa.Table, item_vocab: pa.Array, keep_users: pa.Array | None, spec: SplitSpec,
+                      drop_duplicates: bool = True) -> pa.Table:
+    """All users of one bucket: stable-sort, drop duplicate events, place the split
+    (split.positions), cut list columns.
 
     Every user that reached the bucket is returned, with ``_keep`` false for users the split drops,
-    so the driver can count them; ``_n_in``/``_truncated``/``_unused`` count the user's rows."""
+    so the driver can count them; ``_n_in``/``_truncated``/``_unused``/``_dups`` count the user's
+    rows (``_dups``: duplicates dropped, or with ``drop_duplicates`` off, duplicates stored) and
+    ``_val_repeat``/``_test_repeat`` flag a target that already occurs earlier in the sequence."""
     t, lengths = _filter_sort(t, item_vocab, keep_users)
+    # counts carried from _pretruncate are summed before deduplication, which may drop their row
+    carried = {c: _carried(t, lengths, c) for c in ("_skip_pre", "_skip_post", "_dups")}
+    if drop_duplicates:
+        t, lengths, dups = _dedupe(t, lengths)
+        dups = dups + (carried["_dups"] if carried["_dups"] is not None else 0)
     stamps = _np(t["timestamp"]) if t.num_rows else np.zeros(0, np.int64)
     items = _np(t["item"]) if t.num_rows else np.zeros(0, np.int32)
-    skips = [_np(t[c]) if c in t.column_names and t.num_rows else None for c in ("_skip_pre", "_skip_post")]
+    skips = [_on_first_rows(lengths, carried[c]) for c in ("_skip_pre", "_skip_post")]
     p = positions(lengths, stamps, items, spec, *skips)
     user = np.repeat(np.arange(len(lengths)), lengths)
     kept_len = np.bincount(user[p.keep_row], minlength=len(lengths))
+    if not drop_duplicates:
+        dups = per_user(kept_len, duplicates(kept_len, stamps[p.keep_row], items[p.keep_row]))
     offsets = pa.array(np.r_[0, np.cumsum(kept_len)].astype(np.int32))
     starts = (np.cumsum(lengths) - lengths).astype(np.int64)
     n_in = lengths + sum(np.bincount(user, weights=s, minlength=len(lengths)).astype(np.int64) for s in skips if s is not None)
@@ -179,7 +222,10 @@ def _bucket_sequences(t: pa.Table, item_vocab: pa.Array, keep_users: pa.Array | 
         ratings = _np(t["rating"])[p.keep_row]
         cols["ratings"] = pa.ListArray.from_arrays(offsets, pa.array(ratings, pa.float32()))
     cols.update({"train_len": p.train_len, "val_pos": p.val_pos, "test_pos": p.test_pos, "_keep": p.keep_user,
-                 "_n_in": n_in.astype(np.int64), "_truncated": p.truncated.astype(np.int64), "_unused": p.unused_post.astype(np.int64)})
+                 "_n_in": n_in.astype(np.int64), "_truncated": p.truncated.astype(np.int64), "_unused": p.unused_post.astype(np.int64),
+                 "_dups": np.asarray(dups, np.int64),
+                 "_val_repeat": repeat_targets(kept_len, items[p.keep_row], p.val_pos.astype(np.int64)),
+                 "_test_repeat": repeat_targets(kept_len, items[p.keep_row], p.test_pos.astype(np.int64))})
     return pa.table(cols)
 
 
@@ -303,16 +349,20 @@ def _data_error_in(e: BaseException | None, depth: int = 0) -> DataError | None:
     return None
 
 
-def _first_pass(ds, progress: bool) -> tuple[pa.Table, pa.Table, int, int]:
-    """User counts, item counts and the timestamp range in one stream over the log."""
+def _first_pass(ds, progress: bool, where: str) -> tuple[pa.Table, pa.Table, int, int]:
+    """User counts, item counts and the timestamp range in one stream over the log; a log whose
+    timestamps mix units (seconds and milliseconds, ...) is refused here."""
     cu, ci = Counts(), Counts()
+    units = UnitCensus()
     lo, hi = None, None
-    for t in scan(ds, ["user_id", "item_id", "timestamp"], "counting" if progress else None):
+    for t in scan(ds, ["user_id", "item_id", "timestamp", "row"], "counting" if progress else None):
+        units.add(t)
         cu.add(t["user_id"])
         ci.add(t["item_id"])
         mm = pc.min_max(t["timestamp"])
         lo = mm["min"].as_py() if lo is None else min(lo, mm["min"].as_py())
         hi = mm["max"].as_py() if hi is None else max(hi, mm["max"].as_py())
+    units.check(where)
     schema = ds.schema().base_schema
     return cu.table(schema.field("user_id").type), ci.table(schema.field("item_id").type), int(lo), int(hi)
 
@@ -355,7 +405,7 @@ def _no_sequences(cfg: DataConfig, steps: list[dict], what: str) -> DataError:
                      f"or check data.split={cfg.split}")
 
 
-REPORT_KEYS = ("rows_in", "rows_out", "users_in", "users_out", "items_in", "items_out", "drops", "steps", "split",
+REPORT_KEYS = ("rows_in", "rows_out", "users_in", "users_out", "items_in", "items_out", "drops", "duplicates", "steps", "split",
                "users_by_length", "inputs", "ignored_files", "buckets", "timings")
 
 
@@ -377,7 +427,7 @@ def _build(cfg: DataConfig, force: bool) -> SequenceData:
     inputs = fingerprint(fs, files)
     key_src = {"inputs": [(i["sha256"], i["bytes"]) for i in inputs], "version": BUILD_VERSION,
                "min_user": cfg.min_user_interactions, "min_item": cfg.min_item_interactions,
-               "eval_negatives": cfg.eval_negatives, "seed": cfg.seed}
+               "eval_negatives": cfg.eval_negatives, "seed": cfg.seed, "drop_duplicates": cfg.drop_duplicates}
     key_src.update(split=cfg.split, time_quantile=cfg.time_quantile if cfg.split == "time" else None,
                    kcore=cfg.kcore, max_history=cfg.max_history)
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
@@ -398,7 +448,7 @@ def _build(cfg: DataConfig, force: bool) -> SequenceData:
     ds = ds.materialize()
     t = lap("read_s", t)
 
-    user_counts, item_counts, ts_lo, ts_hi = _first_pass(ds, progress)
+    user_counts, item_counts, ts_lo, ts_hi = _first_pass(ds, progress, f"data.log {cfg.log!r}")
     f = apply_filters(ds, user_counts, item_counts, cfg.min_user_interactions, cfg.min_item_interactions, cfg.kcore, progress)
     if f.items.num_rows == 0 or f.steps[-1]["users"] == 0:
         raise _no_sequences(cfg, f.steps, "the min-interaction filters removed every row")
@@ -417,20 +467,22 @@ def _build(cfg: DataConfig, force: bool) -> SequenceData:
     src = ds
     if cfg.max_history or cfg.split == "time":
         src = ds.map_batches(_pretruncate, batch_size=None, batch_format="pyarrow",
-                             fn_kwargs={"item_vocab": item_vocab, "keep_users": f.keep_users, "spec": spec})
+                             fn_kwargs={"item_vocab": item_vocab, "keep_users": f.keep_users, "spec": spec,
+                                        "drop_duplicates": cfg.drop_duplicates})
     # one shuffle partition per user bucket: a bucket is the unit of work, never a user
     seqs = src.groupby("bucket", num_partitions=buckets).map_groups(
         _bucket_sequences, batch_format="pyarrow",
-        fn_kwargs={"item_vocab": item_vocab, "keep_users": f.keep_users, "spec": spec},
+        fn_kwargs={"item_vocab": item_vocab, "keep_users": f.keep_users, "spec": spec, "drop_duplicates": cfg.drop_duplicates},
     ).materialize()
     users, lengths, parts = [], [], []
-    for b in scan(seqs, ["user_id", "items", *SPLIT_COLUMNS, "_keep", "_n_in", "_truncated", "_unused"]):
+    counters = ("_n_in", "_truncated", "_unused", "_dups", "_val_repeat", "_test_repeat")
+    for b in scan(seqs, ["user_id", "items", *SPLIT_COLUMNS, "_keep", *counters]):
         keep = b["_keep"].to_numpy(zero_copy_only=False)
         users.append(b["user_id"].filter(b["_keep"]))
         lengths.append(pc.list_value_length(b["items"]).to_numpy(zero_copy_only=False)[keep])
-        parts.append({c: _np(b[c]) for c in ("train_len", "val_pos", "test_pos", "_n_in", "_truncated", "_unused")} | {"_keep": keep})
+        parts.append({c: _np(b[c]) for c in (*SPLIT_COLUMNS, *counters)} | {"_keep": keep})
     cat = {c: np.concatenate([p[c] for p in parts]) if parts else np.zeros(0, np.int64) for c in
-           ("train_len", "val_pos", "test_pos", "_n_in", "_truncated", "_unused", "_keep")}
+           (*SPLIT_COLUMNS, *counters, "_keep")}
     kept = cat["_keep"].astype(bool)
     users = pa.chunked_array(users, seqs.schema().base_schema.field("user_id").type)
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
@@ -455,6 +507,10 @@ def _build(cfg: DataConfig, force: bool) -> SequenceData:
                    _join(root, "vocab", "users.parquet"), filesystem=rfs)
     drops = _drops(f.steps)
     drops["truncated_rows"] = int(cat["_truncated"][kept].sum())  # data.max_history
+    # counted after the min-interaction filters, which count a user's or item's rows as logged
+    n_dup = int(cat["_dups"].sum() if cfg.drop_duplicates else cat["_dups"][kept].sum())
+    drops["duplicate_rows"] = n_dup if cfg.drop_duplicates else 0
+    duplicates = {"rows": n_dup, "dropped": cfg.drop_duplicates}
     if cfg.split == "time":
         drops["post_cut_unused_rows"] = int(cat["_unused"][kept].sum())
         drops["post_cut_only_user_rows"] = int(cat["_n_in"][~kept].sum())
@@ -465,6 +521,8 @@ def _build(cfg: DataConfig, force: bool) -> SequenceData:
         "val_users": int((vp >= 0).sum()), "test_users": int((tp >= 0).sum()),
         "train_only_users": int(((vp < 0) & (tp < 0) & (tl >= 2)).sum()),
         "no_training_pair_users": int((tl < 2).sum()),
+        # the target already occurs earlier in the user's sequence (eval.repeat_targets decides)
+        "val_repeat_targets": int(cat["_val_repeat"][kept].sum()), "test_repeat_targets": int(cat["_test_repeat"][kept].sum()),
     })
     if cfg.split == "time":
         split_info.update({"users_without_pre_cut_events": int((~kept).sum()),
@@ -475,7 +533,7 @@ def _build(cfg: DataConfig, force: bool) -> SequenceData:
         "data_config": asdict(cfg),
         "rows_in": rows_in, "rows_out": rows_out, "users_in": users_in, "users_out": int(len(user_vocab)),
         "items_in": int(item_counts.num_rows), "items_out": num_items,
-        "drops": drops, "steps": f.steps, "split": split_info,
+        "drops": drops, "duplicates": duplicates, "steps": f.steps, "split": split_info,
         "users_by_length": {
             "evaluable (>=3: train + valid + test)": int((lengths >= 3).sum()),
             "train_only (2: too short for valid/test)": int((lengths == 2).sum()),
