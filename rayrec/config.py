@@ -98,6 +98,10 @@ class TrainConfig:
     lr_decay_step: int = 1000  # step schedule: multiply by lr_decay_rate every this many steps
     lr_decay_rate: float = 0.95
     grad_clip: float = 0.0  # max grad norm; 0 disables
+    # item-table gradient: dense, sparse (only the rows a step touches are all-reduced and updated:
+    # rayrec/train/optim.py), or auto = sparse from sparse_min_items items on where the setup allows
+    item_grad: Literal["auto", "dense", "sparse"] = "auto"
+    sparse_min_items: int = 50_000
     amp: bool = False  # bf16 autocast, GPU only
     eval_every: int = 1  # epochs between validation passes
     patience: int = 0  # early stopping: validation passes without a gain in eval.metric; 0 disables
@@ -334,9 +338,31 @@ def _merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+LOOKUP_HEADS = ("bce", "gbce", "sampled_softmax", "mse", "soft_bce")  # heads that look item rows up
+
+
+def sparse_item_blockers(cfg: Config) -> list[str]:
+    """Why the item table cannot take row-sparse gradients under ``cfg`` ([] when it can)."""
+    m, t, s = cfg.model, cfg.train, cfg.scale
+    out = []
+    if m.head not in LOOKUP_HEADS:
+        out.append(f"model.head={m.head} scores the whole catalogue (row-sparse needs one of {', '.join(LOOKUP_HEADS)})")
+    if t.l2_emb:
+        out.append("train.l2_emb penalises the whole table (set train.l2_emb=0)")
+    if cfg.quant.method != "none" and cfg.quant.embedding:
+        out.append("quant.embedding fake-quantizes the whole table")
+    backend = s.backend if s.backend != "auto" else ("nccl" if s.use_gpu else "gloo")
+    if s.num_workers > 1 and backend == "nccl":
+        out.append("NCCL has no sparse all-reduce for DDP (use scale.backend=gloo, or a dense table)")
+    return out
+
+
 def validate(cfg: Config) -> Config:
     m, t, e, s, d, i = cfg.model, cfg.train, cfg.eval, cfg.scale, cfg.data, cfg.infer
+    if t.item_grad == "sparse" and sparse_item_blockers(cfg):
+        raise ConfigError("train.item_grad=sparse is not possible here: " + "; ".join(sparse_item_blockers(cfg)))
     checks = [
+        (t.sparse_min_items >= 1, f"train.sparse_min_items must be >= 1, got {t.sparse_min_items}"),
         (i.k >= 1 and i.batch_size >= 1 and i.num_actors >= 1, "infer.k, infer.batch_size and infer.num_actors must be >= 1"),
         (i.cpus_per_actor > 0, f"infer.cpus_per_actor must be > 0 (fractions are fine), got {i.cpus_per_actor}"),
         (m.max_len >= 2, "model.max_len must be >= 2"),

@@ -1,5 +1,6 @@
 """One DDP step over 2 gloo ranks equals one single-process step over the same global batch:
-same loss and same (all-reduced) gradients, with unequal target counts on the two ranks."""
+same loss and same (all-reduced) gradients, with unequal target counts on the two ranks; with a
+dense item table and with a row-sparse one (train.item_grad=sparse)."""
 from datetime import timedelta
 
 import pytest
@@ -10,6 +11,7 @@ import torch.multiprocessing as mp
 from rayrec.config import load_config
 from rayrec.models import build_model
 from rayrec.train.loop import make_optimizer, train_step
+from rayrec.train.optim import use_sparse_items
 
 N = 30
 
@@ -25,15 +27,20 @@ def batch():
     return {"items": items, "targets": targets, "negatives": negatives}
 
 
-def cfg(head):
+def cfg(head, item_grad):
+    # the row-sparse table refuses a whole-table L2 penalty
+    l2 = "train.l2_emb=0.001" if item_grad == "dense" else "train.l2_emb=0"
     return load_config(None, [f"model.head={head}", "model.dropout=0", "model.hidden=16", "model.max_len=10",
-                              "model.num_heads=2", "model.num_negatives=2", "train.weight_decay=0.1", "train.l2_emb=0.001"])
+                              "model.num_heads=2", "model.num_negatives=2", "train.weight_decay=0.1", l2,
+                              f"train.item_grad={item_grad}"])
 
 
 def step(rank, world, head, out):
-    c = cfg(head)
+    head, item_grad = head.split(":")
+    c = cfg(head, item_grad)
     torch.manual_seed(0)
     model = build_model(c.model, N)
+    model.item_emb.sparse = use_sparse_items(c, N)
     opt = make_optimizer(model, c)
     ddp = model
     if world > 1:
@@ -41,8 +48,11 @@ def step(rank, world, head, out):
     b = batch()
     rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
     loss = train_step(ddp, opt, {k: v[rows] for k, v in b.items()}, c, world)
+    assert model.item_emb.weight.grad.is_sparse == (item_grad == "sparse")
     if rank == 0:
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        # a sparse gradient arrives all-reduced (gloo gathers every rank's rows) and averaged like a dense one
+        grads = {n: p.grad.to_dense() if p.grad.is_sparse else p.grad.clone()
+                 for n, p in model.named_parameters() if p.grad is not None}
         torch.save({"grads": grads, "loss": loss}, out)
 
 
@@ -63,7 +73,7 @@ def _worker(rank, world, path, head, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("head", ["bce", "ce"])
+@pytest.mark.parametrize("head", ["bce:dense", "ce:dense", "bce:sparse", "sampled_softmax:sparse"])
 def test_ddp_step_equals_single_process_step(tmp_path, head):
     single, multi = tmp_path / "single.pt", tmp_path / "ddp.pt"
     step(0, 1, head, single)

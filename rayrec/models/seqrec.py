@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rayrec.models.attention import AttentionKind
@@ -48,6 +49,22 @@ def score_in_chunks(score, items: torch.Tensor, timestamps, users, width: int) -
         return None if t is None else t[lo: lo + rows]
 
     return torch.cat([score(items[lo: lo + rows], part(timestamps, lo), part(users, lo)) for lo in range(0, B, rows)])
+
+
+class SparseRows:
+    """The item table as a lookup-only head sees it when its gradient is row-sparse
+    (``train.item_grad``): ``table[ids]`` goes through ``F.embedding(sparse=True)``, so backward
+    yields the looked-up rows only. Whole-table access (slices, ``.T``) is not offered: a head that
+    needs it scores the whole catalogue and keeps a dense table."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError("a row-sparse item table is looked up by index tensors only; heads that read the "
+                            "whole table need train.item_grad=dense")
+        return F.embedding(ids, self.weight, sparse=True)  # (*ids.shape, D)
 
 
 class SeqRec(nn.Module):
@@ -114,7 +131,8 @@ class SeqRec(nn.Module):
         users = batch.get("user_idx")
         h = self.encode(batch["items"], batch.get("timestamps"), users)  # (B, T, D)
         h_item, offset = self.user.split(h, users)
-        return self.head(h_item, self.output_embeddings(), batch, offset)
+        table = SparseRows(self.item_emb.weight) if self.item_emb.sparse else self.output_embeddings()
+        return self.head(h_item, table, batch, offset)
 
     @torch.no_grad()
     def score_last(self, items: torch.Tensor, timestamps: torch.Tensor | None = None,

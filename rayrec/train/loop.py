@@ -24,9 +24,10 @@ from rayrec.data.batches import SequenceStore, sample_negatives, shared_allowed,
 from rayrec.eval.baselines import MostPopular
 from rayrec.eval.evaluate import evaluate
 from rayrec.models import build_model
-from rayrec.quant import init_from_float, is_quant_param, prepare, quant_penalty
+from rayrec.quant import init_from_float, prepare, quant_penalty
 from rayrec.train import checkpoint as ckpt
 from rayrec.train import faults
+from rayrec.train.optim import clip_grad_norm, make_optimizer, use_sparse_items
 from rayrec.train.stages import init_weights
 from rayrec.train.tb import TBLogger, check_scalars
 
@@ -41,15 +42,6 @@ def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
     if _dist():
         dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
     return x
-
-
-def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW; decoupled decay on matrices only (not embeddings, norms or biases)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "emb" not in name and not is_quant_param(name) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=cfg.train.betas)
 
 
 def lr_factor(step: int, total: int, t) -> float:
@@ -81,7 +73,7 @@ def train_step(model, optimizer, batch: dict[str, torch.Tensor], cfg: Config, wo
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.train.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        clip_grad_norm(model.parameters(), cfg.train.grad_clip)
     optimizer.step()
     return (total[1] / total[0].clamp(min=1.0)).item()
 
@@ -297,6 +289,7 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
     init_weights(model, cfg, resume_dir)
     if cfg.quant.init_from and not resume_dir:
         init_from_float(model, cfg.quant.init_from)
+    model.item_emb.sparse = use_sparse_items(cfg, store.num_items)  # row-sparse table: train/optim.py
     optimizer = make_optimizer(model, cfg)
     state = {"epoch": 0, "global_step": 0, "best_metric": -math.inf, "best_epoch": -1, "bad_evals": 0, "history": []}
     best_state = None
