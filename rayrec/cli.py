@@ -181,10 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         a.fn(a)
-    except (ConfigError, DataError) as e:
+    except Exception as e:  # noqa: BLE001 - re-raised below unless its message is the whole story
+        if not isinstance(e, (ConfigError, DataError, *_run_errors())):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _run_errors() -> tuple[type, ...]:
+    """Refused checkpoints and permanent training failures: imported only once something failed
+    (they bring torch and Ray, which ``rayrec --help`` does not need)."""
+    from rayrec.train.checkpoint import CheckpointError
+    from rayrec.train.failures import PermanentError
+
+    return CheckpointError, PermanentError
 
 
 if __name__ == "__main__":

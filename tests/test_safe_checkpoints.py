@@ -108,16 +108,14 @@ def test_crafted_pickle_in_a_checkpoint_does_not_run(tmp_path):
     torch.save({"optimizer": _Payload(marker), "scheduler": None}, folder / ckpt.OPTIM)
     ckpt.write_manifest(folder)
     ckpt.verify(folder)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ckpt.CheckpointError, match="optimizer.pt: refused.*nothing in it was run"):
         ckpt.load_optimizer(folder)
     assert not marker.exists()
     # weights go through safetensors: a pickle under the weights' name is not a safetensors file
     with open(folder / ckpt.MODEL, "wb") as f:
         pickle.dump(_Payload(marker), f)
     ckpt.write_manifest(folder)
-    from safetensors import SafetensorError
-
-    with pytest.raises(SafetensorError):
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors: not a valid safetensors file"):
         ckpt.load_weights(folder)
     assert not marker.exists()
 

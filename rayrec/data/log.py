@@ -23,6 +23,8 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, ValueError):
         pass
+    except OSError as e:  # S3 asks the bucket for its region here: the first network call
+        raise storage_error(uri, e) from None
     if "://" not in uri:
         import os
 
@@ -34,19 +36,59 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return PyFileSystem(FSSpecHandler(fs)), path
 
 
+_UNREACHABLE = ("network_connection", "could not connect", "could not resolve", "connection refused", "timed out",
+                "name or service not known", "network is unreachable", "no route to host")
+_REFUSED = ("access_denied", "accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "expiredtoken",
+            "invalidtoken", "forbidden", "unauthorized", "permission denied", "no credentials")
+
+
+def storage_error(location: str, e: OSError) -> DataError:
+    """One line for a storage call that failed: unreachable, unauthorised, or something else.
+
+    pyarrow's S3 errors are plain ``OSError`` with the AWS error name in the text, so the text is
+    what tells a network failure (retry, fix the endpoint) from refused credentials (fix access);
+    a missing key is not an error here but a ``NotFound`` answer (``list_files``)."""
+    text, where = " ".join(str(e).split()), repr(location)
+    low = text.lower()
+    if any(s in low for s in _UNREACHABLE):
+        region = (" (set AWS_DEFAULT_REGION to skip the bucket's region lookup)"
+                  if "resolving region" in low else "")
+        return DataError(f"cannot reach the storage holding {where}: check the network, the endpoint "
+                         f"(AWS_ENDPOINT_URL) and the region{region}; nothing was read. Storage said: {text}")
+    if isinstance(e, PermissionError) or any(s in low for s in _REFUSED):
+        return DataError(f"access to {where} was refused (unauthorised): check the credentials (for S3: "
+                         f"AWS_ACCESS_KEY_ID, AWS_PROFILE or the instance role) and the bucket policy; nothing was read. Storage said: {text}")
+    return DataError(f"cannot read {where}: {text}")
+
+
+def _shown(fs: pafs.FileSystem, path: str) -> str:
+    return f"{fs.type_name}://{path}" if fs.type_name in ("s3", "gcs", "hdfs") else path
+
+
+def file_info(fs: pafs.FileSystem, path: str) -> pafs.FileInfo:
+    """``fs.get_file_info(path)``, with a storage failure as a :class:`DataError` naming the cause."""
+    try:
+        return fs.get_file_info(path)
+    except OSError as e:
+        raise storage_error(_shown(fs, path), e) from None
+
+
 def list_files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
-    info = fs.get_file_info(path)
+    info = file_info(fs, path)
     if info.type == pafs.FileType.NotFound:
-        raise DataError(f"interaction log {path!r} does not exist; run jobs/prepare.py first or fix data.log")
+        where = "the storage answered that no such key or bucket exists" if fs.type_name != "local" else "no such file"
+        raise DataError(f"interaction log {_shown(fs, path)!r} does not exist ({where}); run jobs/prepare.py first "
+                        "or fix data.log")
     if info.type == pafs.FileType.File:
         return [info]
-    files = [
-        f
-        for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        if f.type == pafs.FileType.File and f.path.endswith(".parquet") and "/_rayrec_cache/" not in f.path
-    ]
+    try:
+        listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except OSError as e:
+        raise storage_error(_shown(fs, path), e) from None
+    files = [f for f in listing
+             if f.type == pafs.FileType.File and f.path.endswith(".parquet") and "/_rayrec_cache/" not in f.path]
     if not files:
-        raise DataError(f"no .parquet files under {path!r}")
+        raise DataError(f"no .parquet files under {_shown(fs, path)!r}")
     return sorted(files, key=lambda f: f.path)
 
 

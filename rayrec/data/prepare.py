@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from rayrec.config import DataConfig
-from rayrec.data.log import DataError, resolve
+from rayrec.data.log import DataError, file_info, resolve
 
 log = logging.getLogger("rayrec.data")
 
@@ -15,7 +15,7 @@ log = logging.getLogger("rayrec.data")
 def ensure_log(cfg: DataConfig, force: bool = False) -> str:
     """Return ``cfg.log``, first converting ``cfg.source`` into it when it is missing (or ``force``)."""
     fs, path = resolve(cfg.log)
-    exists = fs.get_file_info(path).type.name != "NotFound"
+    exists = file_info(fs, path).type.name != "NotFound"
     src = cfg.source
     if exists and not force:
         return cfg.log

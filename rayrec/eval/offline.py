@@ -15,10 +15,9 @@ def find_checkpoint(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if (p / ckpt.STATE).exists():
         return p
-    if p.is_dir():
-        found = ckpt.latest(p)
-        if found:
-            return Path(found)
+    found = ckpt.candidates(p)
+    if found:  # a run folder: its newest checkpoint that verifies, or why none does
+        return Path(ckpt.require_valid(found, f"in {p}"))
     raise ConfigError(f"{p} is neither a checkpoint folder (with {ckpt.STATE}) nor a run folder holding one")
 
 
@@ -32,6 +31,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), int8: bool 
     from rayrec.train.loop import load_store
 
     folder = find_checkpoint(path)
+    weights = ckpt.load_weights(folder, best=True)  # a refused checkpoint fails here, before Ray starts
     cfg = load_config(folder / ckpt.CONFIG, overrides)
     init_ray()
     data = build_sequences(cfg.data)
@@ -41,7 +41,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), int8: bool 
     from rayrec.quant.offline import quantized_model
 
     model = quantized_model(build_model(cfg.model, data.num_items, data.num_users), cfg,
-                            load_config(folder / ckpt.CONFIG), ckpt.load_weights(folder, best=True), store, int8)
+                            load_config(folder / ckpt.CONFIG), weights, store, int8)
     torch.set_num_threads(max(1, cfg.scale.threads_per_worker or torch.get_num_threads()))
     metrics = {"checkpoint": str(folder), "protocol": cfg.eval.protocol, "quant": cfg.quant.method, "int8": int8}
     for stage in ("val", "test"):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 MODEL = "model.safetensors"
@@ -114,8 +115,21 @@ def save(folder: str | Path, *, model_state, best_state, optimizer_state, state:
     return folder
 
 
+# A file can match its manifest and still be unloadable: the manifest only proves the folder is the
+# one that was written, so a file replaced together with a rewritten manifest reaches the loaders.
+_TAMPERED = "it matches the manifest, so it was written this way or replaced together with a rewritten manifest"
+
+
+def _not_safetensors(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: not a valid safetensors file ({e}); {_TAMPERED}; nothing was loaded")
+
+
 def load_state(folder: str | Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / STATE).read_text())
+    path = Path(folder) / STATE
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); {_TAMPERED}") from None
 
 
 def load_weights(folder: str | Path, best: bool = False, verified: bool = False) -> dict[str, torch.Tensor]:
@@ -123,13 +137,43 @@ def load_weights(folder: str | Path, best: bool = False, verified: bool = False)
     folder = Path(folder)
     files = verify(folder)["files"] if not verified else None
     use_best = best and ((BEST in files) if files is not None else (folder / BEST).exists())
-    return load_file(str(folder / (BEST if use_best else MODEL)))
+    path = folder / (BEST if use_best else MODEL)
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise _not_safetensors(path, e) from None
 
 
-def load_optimizer(folder: str | Path) -> dict | None:
+def load_optimizer(folder: str | Path, mmap: bool = False) -> dict | None:
     path = Path(folder) / OPTIM
-    # weights_only: a crafted pickle (os.system in __reduce__ ...) is refused instead of run
-    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        # weights_only: a crafted pickle (os.system in __reduce__ ...) is refused instead of run
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the weights-only unpickler's refusal (UnpicklingError) or a broken file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused, it holds more than tensors and numbers or is not a torch file "
+                              f"({first}); {_TAMPERED}; nothing in it was run") from None
+
+
+def check_loadable(folder: str | Path) -> None:
+    """Open every file a resume loads the way it will be loaded, without reading the tensors
+    (safetensors headers, the optimizer state memory-mapped): a refused file fails on the driver,
+    before any worker starts."""
+    folder = Path(folder)
+    files = verify(folder)["files"]
+    for name in (MODEL, BEST):
+        if name in files:
+            try:
+                with safe_open(str(folder / name), "pt"):
+                    pass
+            except SafetensorError as e:
+                raise _not_safetensors(folder / name, e) from None
+    load_state(folder)
+    load_optimizer(folder, mmap=True)
 
 
 def persist(src: str | Path, run_dir: Path, epoch: int, final: bool = False) -> str:
@@ -171,16 +215,32 @@ def candidates(run_dir: str | Path) -> list[Path]:
     return sorted((p for p in run_dir.glob("checkpoint_*") if _NAME.fullmatch(p.name) and p.is_dir()), reverse=True)
 
 
-def newest_valid(folders: Iterable[str | Path]) -> str | None:
-    """The first folder (newest first) that verifies; every skipped folder is logged with its reason."""
+def _first_valid(folders: Iterable[str | Path]) -> tuple[str | None, list[str]]:
+    reasons = []
     for folder in folders:
         try:
             verify(folder)
         except CheckpointError as e:
             log.warning("skipping checkpoint: %s; falling back to an earlier one", e)
+            reasons.append(str(e))
             continue
-        return str(folder)
-    return None
+        return str(folder), reasons
+    return None, reasons
+
+
+def newest_valid(folders: Iterable[str | Path]) -> str | None:
+    """The first folder (newest first) that verifies; every skipped folder is logged with its reason."""
+    return _first_valid(folders)[0]
+
+
+def require_valid(folders: Iterable[str | Path], purpose: str) -> str:
+    """``newest_valid``, or a :class:`CheckpointError` naming every folder tried and why it was refused."""
+    chosen, reasons = _first_valid(folders)
+    if chosen is None:
+        raise CheckpointError(
+            f"no checkpoint {purpose} passed its manifest check, so nothing was loaded: {'; '.join(reasons)}. "
+            "Restore the folders from a copy, or move them aside to start afresh")
+    return chosen
 
 
 def latest(run_dir: str | Path) -> str | None:

@@ -13,6 +13,7 @@ from typing import Any
 from rayrec.config import Config, ConfigError
 from rayrec.data.sequences import SequenceData, build_sequences
 from rayrec.ray_env import init_ray
+from rayrec.train import checkpoint as ckpt
 from rayrec.train import faults
 from rayrec.train.loop import train_loop
 from rayrec.train.preflight import check_output_dir, check_trainable
@@ -92,6 +93,8 @@ def trainer_for(cfg: Config, data: SequenceData, callbacks: list | None = None):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from rayrec.train import failures
+
     s = cfg.scale
     backend = s.backend if s.backend != "auto" else ("nccl" if s.use_gpu else "gloo")
     ds = sequences_dataset(data.sequences_path)
@@ -110,7 +113,8 @@ def trainer_for(cfg: Config, data: SequenceData, callbacks: list | None = None):
         # a shard that is exact (no rows dropped to equalise) and independent of block order
         dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(
-            name=cfg.name, storage_path=storage, callbacks=callbacks,
+            # StopOnPermanent: a failure no retry can fix (unwritable run folder, bad data) ends the run at once
+            name=cfg.name, storage_path=storage, callbacks=[*(callbacks or []), failures.StopOnPermanent()],
             # without capacity (a lost node) Ray retries the worker-group start forever, one try per
             # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s): bound that, unless an autoscaler is expected
             failure_config=FailureConfig(max_failures=s.max_failures, controller_failure_limit=capacity_retries()),
@@ -175,7 +179,7 @@ def _history(result) -> list[dict[str, Any]]:
         try:
             with result.checkpoint.as_directory() as folder:
                 state = ckpt.load_state(folder)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, ckpt.CheckpointError) as e:
             log.warning("could not read the run's history from %s (%s); keeping Ray's", result.checkpoint.path, e)
     if "history" in state:
         call = state["history"][-1].get("call") if state["history"] else None
@@ -212,6 +216,9 @@ def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
     """Train one config; ``callbacks`` are Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
     check_output_dir(cfg)  # before starting Ray: a refused run costs nothing
     _check_run_dir(cfg)
+    if cfg.resume and (found := ckpt.candidates(cfg.run_dir)):
+        # a refused checkpoint: one error here, before Ray starts, not a traceback from every worker
+        ckpt.check_loadable(ckpt.require_valid(found, f"to resume {cfg.name} from"))
     init_ray()
     _check_resources(cfg)
     check_init_from(cfg)
@@ -226,10 +233,12 @@ def fit(cfg: Config, callbacks: list | None = None) -> FitResult:
         if result.error:
             raise result.error
     except Exception as e:
-        capacity = _capacity_error(cfg, e)
-        if capacity is None:
+        from rayrec.train import failures
+
+        stop = failures.unwrap(e) or _capacity_error(cfg, e)
+        if stop is None:
             raise
-        raise capacity from e
+        raise stop from e
     _prune_unregistered(run_dir, result)
     metrics = dict(result.metrics or {})
     ck = result.checkpoint.path if result.checkpoint else None

@@ -260,12 +260,7 @@ def resume_source(checkpoint, cfg: Config) -> str | None:
     unique = sorted({str(Path(f).resolve()): Path(f) for f in folders}.values(), key=lambda p: p.name, reverse=True)
     if not unique:
         return None
-    chosen = ckpt.newest_valid(unique)
-    if chosen is None:
-        raise ckpt.CheckpointError(
-            f"none of the {len(unique)} checkpoint folders ({', '.join(p.name for p in unique)}) verifies against "
-            f"its manifest, so there is nothing safe to resume from; move them aside to start afresh")
-    return chosen
+    return ckpt.require_valid(unique, f"to resume {cfg.name} from ({len(unique)} tried)")
 
 
 def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int, device, report,
