@@ -91,6 +91,49 @@ def generate(spec: SyntheticSpec) -> pa.Table:
     )
 
 
+def generate_large(spec: SyntheticSpec) -> pa.Table:
+    """The same kind of log as ``generate`` at catalogues of 10^5-10^7 items, in time and memory that
+    follow the events, not users x items: popularity draws by inverse CDF, no per-user seen matrix.
+    A user's repeated items are dropped after generation (first kept), so histories hold distinct
+    items as in ``generate`` and can come out a few events shorter than drawn."""
+    if spec.users < 1 or spec.items < spec.successors + 1 or spec.min_len < 1 or spec.mean_len < spec.min_len:
+        raise DataPrepError(f"bad synthetic spec {spec}: need users>=1, items>successors, mean_len>=min_len>=1")
+    rng = np.random.default_rng(spec.seed)
+    cdf = np.cumsum(1.0 / np.arange(1, spec.items + 1) ** spec.zipf)
+    cdf /= cdf[-1]
+    item_ids = rng.permutation(spec.items) + 1
+
+    def popular(n: int) -> np.ndarray:
+        return np.minimum(np.searchsorted(cdf, rng.random(n), side="right"), spec.items - 1)
+
+    succ = (np.arange(spec.items)[:, None] + rng.integers(1, spec.items, size=(spec.items, spec.successors))) % spec.items
+    lengths = np.minimum(np.maximum(spec.min_len, rng.poisson(spec.mean_len, size=spec.users)), spec.items)
+    starts = np.r_[0, np.cumsum(lengths)[:-1]]
+    items = np.empty(int(lengths.sum()), dtype=np.int64)
+    cur = popular(spec.users)
+    for step in range(int(lengths.max())):
+        active = np.flatnonzero(lengths > step)
+        if step > 0:
+            follow = rng.random(active.size) < spec.follow
+            nxt = popular(active.size)
+            nxt[follow] = succ[cur[active[follow]], rng.integers(0, spec.successors, size=int(follow.sum()))]
+            cur[active] = nxt
+        items[starts[active] + step] = cur[active]
+    user = np.repeat(np.arange(spec.users, dtype=np.int64), lengths)
+    first = np.zeros(items.size, dtype=bool)
+    first[np.unique(user * spec.items + items, return_index=True)[1]] = True  # a user's first use of an item
+    user, items = user[first], items[first]
+    lengths = np.bincount(user, minlength=spec.users)
+    starts = np.r_[0, np.cumsum(lengths)[:-1]]
+    t0 = rng.integers(1_500_000_000, 1_600_000_000, size=spec.users)
+    gaps = rng.integers(1, 86_400, size=items.size)
+    gaps[starts[lengths > 0]] = 0
+    csum = np.cumsum(gaps)
+    ts = t0[user] + csum - np.repeat(csum[starts], lengths)
+    order = np.argsort(ts, kind="stable")
+    return pa.table({"user_id": user[order] + 1, "item_id": item_ids[items[order]], "timestamp": ts[order].astype(np.int64)})
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder for interactions.parquet + meta.json")

@@ -44,6 +44,14 @@ def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
     return x
 
 
+def peak_rss_gib(device) -> float:
+    """This process's peak resident memory, the largest over the ranks (collective when distributed)."""
+    import resource
+
+    peak = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, device=device)  # from KiB
+    return all_reduce(peak, dist.ReduceOp.MAX if _dist() else None).item()
+
+
 def lr_factor(step: int, total: int, t) -> float:
     if t.warmup_steps and step < t.warmup_steps:
         return (step + 1) / t.warmup_steps
@@ -345,7 +353,7 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
             dt = time.perf_counter() - t0
             metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, n_steps),
                        "seq_per_s": n_steps * per_rank * world / dt, "epoch_s": dt, "lr": scheduler.get_last_lr()[0],
-                       "first_step_unix": first_step_unix or math.nan}
+                       "first_step_unix": first_step_unix or math.nan, "peak_rss_gib": peak_rss_gib(device)}
             if startup is not None and first_step_unix is not None:
                 metrics.update(startup_breakdown(startup, first_step_unix))
                 startup = None  # once per call
@@ -381,7 +389,8 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
         # the bar every model must clear, scored by the same evaluation path
         pop = evaluate(MostPopular(store).to(device), store, cfg.eval, cfg.model.max_len, "test", device)
         final.update({"baseline_pop_" + k: v for k, v in pop.items() if "ndcg" in k or "hr_" in k})
-        final.update({"epoch": state["epoch"], "final": 1, "train_s": time.perf_counter() - t_start})
+        final.update({"epoch": state["epoch"], "final": 1, "train_s": time.perf_counter() - t_start,
+                      "sparse_item_table": float(model.item_emb.sparse)})
         tb.scalars({k: v for k, v in final.items() if k.startswith("test_")}, state["global_step"], prefix="final/")
         hp = {"head": cfg.model.head, "hidden": cfg.model.hidden, "num_blocks": cfg.model.num_blocks,
               "max_len": cfg.model.max_len, "lr": cfg.train.lr, "batch_size": cfg.train.batch_size,
