@@ -37,7 +37,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 _UNREACHABLE = ("network_connection", "could not connect", "could not resolve", "connection refused", "timed out",
-                "name or service not known", "network is unreachable", "no route to host")
+                "timeout was reached", "name or service not known", "network is unreachable", "no route to host")
 _REFUSED = ("access_denied", "accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "expiredtoken",
             "invalidtoken", "forbidden", "unauthorized", "permission denied", "no credentials")
 
@@ -57,7 +57,8 @@ def storage_error(location: str, e: OSError) -> DataError:
                          f"(AWS_ENDPOINT_URL) and the region{region}; nothing was read. Storage said: {text}")
     if isinstance(e, PermissionError) or any(s in low for s in _REFUSED):
         return DataError(f"access to {where} was refused (unauthorised): check the credentials (for S3: "
-                         f"AWS_ACCESS_KEY_ID, AWS_PROFILE or the instance role) and the bucket policy; nothing was read. Storage said: {text}")
+                         f"AWS_ACCESS_KEY_ID, AWS_PROFILE or the instance role) and the bucket policy; nothing was read. "
+                         f"Storage said: {text}")
     return DataError(f"cannot read {where}: {text}")
 
 

@@ -154,9 +154,12 @@ def load_optimizer(folder: str | Path, mmap: bool = False) -> dict | None:
     except OSError:
         raise
     except Exception as e:  # noqa: BLE001 - the weights-only unpickler's refusal (UnpicklingError) or a broken file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's text opens with advice to retry with weights_only=False, the one thing not to do here:
+        # show the line that names what was refused
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        why = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])
         raise CheckpointError(f"{path}: refused, it holds more than tensors and numbers or is not a torch file "
-                              f"({first}); {_TAMPERED}; nothing in it was run") from None
+                              f"({why}); {_TAMPERED}; nothing in it was run") from None
 
 
 def check_loadable(folder: str | Path) -> None:
