@@ -134,6 +134,15 @@ class EvalConfig:
     diffusion_decay: float = 0.9  # multi: threshold factor applied when no position reaches it
     diffusion_temperature: float = 0.0  # multi: 0 = greedy; > 0 = Gumbel sampling, seeded by diffusion_seed
     diffusion_seed: int = 0
+    # full ranking and recommendation score the catalogue in pieces of this many items, so memory is
+    # batch x chunk, not batch x items; 0 = as many as fit 64 MiB of scores per batch. Metrics do not
+    # depend on it (rayrec/eval/chunked.py)
+    chunk_items: int = 0
+    # validation and test on a seeded sample of this many evaluable users (0 = all of them): the
+    # same users every epoch and on any number of workers; reported as <stage>_users of
+    # <stage>_users_sampled_from
+    max_users: int = 0
+    sample_seed: int = 0
 
 
 @dataclass
@@ -425,6 +434,8 @@ def validate(cfg: Config) -> Config:
         (all(0.0 <= b < 1.0 for b in t.betas), "train.betas must be in [0, 1)"),
         (len(e.ks) > 0 and all(k >= 1 for k in e.ks), "eval.ks must be a non-empty list of positive ints"),
         (e.batch_size >= 1, "eval.batch_size must be >= 1"),
+        (e.chunk_items >= 0, f"eval.chunk_items must be >= 0 (0 = from a 64 MiB budget per batch), got {e.chunk_items}"),
+        (e.max_users >= 0, f"eval.max_users must be >= 0 (0 = every user), got {e.max_users}"),
         (e.metric.startswith("val_"), f"eval.metric must be a validation metric (val_*), got {e.metric!r}: choosing on test leaks"),
         (s.num_workers >= 0, "scale.num_workers must be >= 0"),
         (s.cpus_per_worker > 0, "scale.cpus_per_worker must be > 0"),

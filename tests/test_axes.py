@@ -131,7 +131,7 @@ def test_cpu_scoring_in_row_chunks_equals_one_call(combo, monkeypatch):
     whole = m.score_last(b["items"], b["timestamps"], b["user_idx"])
     calls = []
     monkeypatch.setattr(seqrec, "CPU_SCORE_CHUNK_BYTES", 3 * 16 * T * 4 * 3)  # 3 rows of (T, 3D) floats
-    monkeypatch.setattr(m, "_score_last", lambda *a, f=m._score_last: calls.append(a[0].shape[0]) or f(*a))
+    monkeypatch.setattr(m, "_score_query", lambda *a, f=m._score_query: calls.append(a[0].shape[0]) or f(*a))
     chunked = m.score_last(b["items"], b["timestamps"], b["user_idx"])
     assert calls == [2, 2]  # B = 4 rows in two equal chunks, users and timestamps sliced alike
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)

@@ -4,6 +4,10 @@ Full ranking scores every item with the user's history masked (``-inf``); the sa
 scores the target against the 100 negatives fixed at build time. Keys are
 ``<stage>_<metric>_<k>`` for full ranking and ``<stage>_sampled_<metric>_<k>`` for sampled, so a
 sampled number can never be read as a full-ranking one.
+
+The catalogue is met in pieces of ``eval.chunk_items`` (a running rank and a running top-k), so
+memory does not grow with it. With ``eval.max_users`` the metrics are over a seeded sample of
+users, and ``<stage>_users_sampled_from`` says how many users it was drawn from.
 """
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ import torch.distributed as dist
 
 from rayrec.config import EvalConfig
 from rayrec.data.batches import SequenceStore, eval_batch
-from rayrec.eval.metrics import metric_sums, rank_of_target
+from rayrec.eval.chunked import ItemScores, RunningTopK, SeenMask, chunk_size, count_against
+from rayrec.eval.metrics import metric_sums, rank_of_target, ranks_from_counts
 
 COVERAGE_K = 10
 
@@ -27,8 +32,9 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 def score_batch(model, b: dict, device: torch.device) -> torch.Tensor:
     """Scores of every item after each history of an ``eval_batch``: (B, N+1), padding = -inf.
 
-    Evaluation and ``rayrec.infer`` (API, batch job) both score through here, so what the
-    metrics rank first is what a user is recommended.
+    The dense matrix, for candidate scoring and for models without ``score_query``; evaluation
+    and top-k recommendation read the same floats a piece at a time (``rayrec.eval.chunked``), so
+    what the metrics rank first is what a user is recommended.
     """
     items = torch.from_numpy(b["items"]).long().to(device)
     stamps = torch.from_numpy(b["timestamps"]).to(device)
@@ -46,7 +52,8 @@ def mask_seen(scores: torch.Tensor, b: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, store: SequenceStore, cfg: EvalConfig, max_len: int, stage: str, device: torch.device) -> dict[str, float]:
-    """Metrics for ``stage`` in {'val', 'test'} over every evaluable user of every rank."""
+    """Metrics for ``stage`` in {'val', 'test'} over every evaluable user of every rank (or over
+    the ``eval.max_users`` sample of them)."""
     if cfg.diffusion_inference == "multi" and hasattr(getattr(model, "head", None), "corrupt"):
         from rayrec.eval.multistep import evaluate_multistep  # lists, not scores: its own ranking
 
@@ -59,35 +66,52 @@ def evaluate(model, store: SequenceStore, cfg: EvalConfig, max_len: int, stage: 
             for m in ("ndcg", "hr", "mrr") for k in cfg.ks}
     n_items = store.num_items
     topk_hits = torch.zeros(n_items + 1, dtype=torch.float64, device=device)
-    users, repeats = eval_users(store, stage, cfg.repeat_targets)
+    users, repeats, of = stage_users(store, stage, cfg, device)
     # batches of similar history lengths, each trimmed to its longest: metrics are order-free sums
     users = users[np.argsort(store.target_pos(stage)[users], kind="stable")]
     for lo in range(0, len(users), cfg.batch_size):
         b = eval_batch(store, users[lo: lo + cfg.batch_size], max_len, stage, trim=True)
         target = torch.from_numpy(b["target"]).to(device)
-        scores = score_batch(model, b, device)  # (B, N+1)
-        check_finite(scores, stage)
-        rows = torch.arange(len(target), device=device)
+        src = ItemScores.of(model, b, device)  # (B, N+1) met a piece at a time
+        cols = target[:, None]
+        if "sampled" in protocols:
+            cols = torch.cat([cols, torch.from_numpy(b["negatives"]).to(device)], dim=1)
+        picked, nan_rows = src.scan(cols)  # (B, 1 + negatives)
+        refuse_nan(nan_rows, stage)
         if "full" in protocols:
-            full = mask_seen(scores.clone(), b) if cfg.exclude_seen else scores.clone()
-            if cfg.exclude_seen and cfg.repeat_targets == "rank":  # the target alone stays rankable
-                full[rows, target] = scores[rows, target]
-            ranks, ties = rank_of_target(full, full[rows, target])
+            seen, masked_target = seen_items(b, target, cfg, device)
+            t = torch.where(masked_target, float("-inf"), picked[:, 0])
+            top = RunningTopK(min(COVERAGE_K, n_items))
+            above, equal = count_against(src, t, seen, chunk_size(cfg.chunk_items, len(target)), top)
+            ranks, ties = ranks_from_counts(above, equal, t)
             for k, v in metric_sums(ranks, cfg.ks, ties).items():
                 sums[k] += v
-            top = full.topk(min(COVERAGE_K, n_items), dim=1).indices.flatten()
-            topk_hits.index_fill_(0, top, 1.0)
+            topk_hits.index_fill_(0, top.items[torch.isfinite(top.values)], 1.0)  # a masked item is never recommended
         if "sampled" in protocols:
-            negs = torch.from_numpy(b["negatives"]).to(device)
-            ranks, ties = rank_of_target(scores.gather(1, negs), scores[rows, target], target_in_scores=False)
+            ranks, ties = rank_of_target(picked[:, 1:], picked[:, 0], target_in_scores=False)
             for k, v in metric_sums(ranks, cfg.ks, ties).items():
                 sums["sampled_" + k] += v
-    out = reduce_means(sums, len(users), repeats, stage, device)
+    out = reduce_means(sums, len(users), repeats, stage, device, of)
     if "full" in protocols:
         covered = all_reduce(topk_hits, dist.ReduceOp.MAX if dist.is_initialized() else None)
         out[f"{stage}_coverage_{COVERAGE_K}"] = covered[1:].sum().item() / n_items
     model.train(was_training)
     return out
+
+
+def seen_items(b: dict, target: torch.Tensor, cfg: EvalConfig, device) -> tuple[SeenMask | None, torch.Tensor]:
+    """The history items full ranking masks, and which rows' target is one of them (a miss), under
+    ``eval.exclude_seen`` and ``eval.repeat_targets``."""
+    masked = torch.zeros(len(target), dtype=torch.bool, device=device)
+    if not cfg.exclude_seen:
+        return None, masked
+    rows, items = torch.from_numpy(b["seen_rows"]).to(device), torch.from_numpy(b["seen_items"]).to(device)
+    is_target = items == target[rows]
+    if cfg.repeat_targets == "rank":  # the target alone stays rankable
+        rows, items = rows[~is_target], items[~is_target]
+    else:
+        masked[rows[is_target]] = True
+    return SeenMask(rows, items), masked
 
 
 def eval_users(store: SequenceStore, stage: str, repeat_policy: str) -> tuple[np.ndarray, int]:
@@ -98,8 +122,51 @@ def eval_users(store: SequenceStore, stage: str, repeat_policy: str) -> tuple[np
     return (users[~repeat] if repeat_policy == "drop" else users), int(repeat.sum())
 
 
-def reduce_means(sums: dict[str, float], users: int, repeats: int, stage: str, device) -> dict[str, float]:
-    """Per-user means over every rank, with the users they average over and the repeat-target count.
+def stage_users(store: SequenceStore, stage: str, cfg: EvalConfig, device) -> tuple[np.ndarray, int, int | None]:
+    """``eval_users``, cut to the ``eval.max_users`` sample when one is asked for: (rows, repeat
+    targets, evaluable users of every rank, None without a sample). Collective with a sample."""
+    users, repeats = eval_users(store, stage, cfg.repeat_targets)
+    if cfg.max_users <= 0:
+        return users, repeats, None
+    keys = user_keys(store.user_idx[users], cfg.sample_seed)
+
+    def count_upto(bound: int) -> int:
+        n = np.count_nonzero(keys <= np.uint64(bound))
+        return int(all_reduce(torch.tensor(n, dtype=torch.int64, device=device)).item())
+
+    total = count_upto(2 ** 64 - 1)
+    if total <= cfg.max_users:
+        return users, repeats, total
+    return users[keys <= np.uint64(sample_bound(cfg.max_users, count_upto))], repeats, total
+
+
+def user_keys(user_idx: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded shuffle of user ids: splitmix64's finaliser, a bijection of uint64, so no two users
+    share a key and a sample of the smallest keys has exactly the size asked for."""
+    with np.errstate(over="ignore"):
+        z = user_idx.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) % 2 ** 64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def sample_bound(k: int, count_upto) -> int:
+    """The smallest key bound with ``count_upto(bound) >= k`` users at or below it, by bisection:
+    ``count_upto`` counts over every rank, so each rank keeps its share of one global sample."""
+    lo, hi = 0, 2 ** 64 - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count_upto(mid) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def reduce_means(sums: dict[str, float], users: int, repeats: int, stage: str, device,
+                 sampled_from: int | None = None) -> dict[str, float]:
+    """Per-user means over every rank, with the users they average over and the repeat-target count
+    (and, for a user sample, the evaluable users it was drawn from).
 
     Over no users there is no mean: the metrics are NaN (never a 0.0 that reads as a measured
     miss); fit() refuses such a run before training, so only a hand-built store reaches this."""
@@ -110,13 +177,19 @@ def reduce_means(sums: dict[str, float], users: int, repeats: int, stage: str, d
     out = {f"{stage}_{k}": (vec[i].item() / count if count else float("nan")) for i, k in enumerate(keys)}
     out[f"{stage}_users"] = count
     out[f"{stage}_repeat_targets"] = vec[-1].item()
+    if sampled_from is not None:
+        out[f"{stage}_users_sampled_from"] = float(sampled_from)
     return out
 
 
 def check_finite(scores: torch.Tensor, stage: str) -> None:
+    refuse_nan(torch.isnan(scores).any(dim=1), stage)
+
+
+def refuse_nan(nan_rows: torch.Tensor, stage: str) -> None:
     """NaN scores would rank the target first (no comparison with NaN is true): refuse them."""
-    if torch.isnan(scores).any():
-        n = int(torch.isnan(scores).any(dim=1).sum())
+    if nan_rows.any():
+        n = int(nan_rows.sum())
         raise FloatingPointError(
             f"the model scored NaN for {n} {stage} user(s): training diverged. Lower train.lr, set "
             "train.grad_clip (e.g. 1.0), or resume from an earlier checkpoint; no metric was computed from them")

@@ -25,8 +25,14 @@ def rank_of_target(scores: torch.Tensor, target_scores: torch.Tensor,
     the finite scores would put it inside the top k of a short candidate list).
     """
     t = target_scores[:, None]
-    above = (scores > t).sum(dim=1)
-    ties = (scores == t).sum(dim=1) - int(target_in_scores)
+    return ranks_from_counts((scores > t).sum(dim=1), (scores == t).sum(dim=1), target_scores, target_in_scores)
+
+
+def ranks_from_counts(above: torch.Tensor, equal: torch.Tensor, target_scores: torch.Tensor,
+                      target_in_scores: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rank_of_target`` from the counts of candidates scored above and exactly at the target,
+    which sum over any split of the candidates (``rayrec.eval.chunked``)."""
+    ties = equal - int(target_in_scores)
     masked = ~torch.isfinite(target_scores)
     return (torch.where(masked, torch.full_like(above, MISS_RANK), above),
             torch.where(masked, torch.zeros_like(ties), ties.clamp(min=0)))

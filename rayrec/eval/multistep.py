@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from rayrec.config import EvalConfig
 from rayrec.data.batches import SequenceStore, eval_batch
-from rayrec.eval.evaluate import all_reduce, eval_users, reduce_means
+from rayrec.eval.evaluate import all_reduce, reduce_means, stage_users
 from rayrec.eval.metrics import MISS_RANK as MISS, metric_sums
 from rayrec.models.diffusion import generate
 
@@ -36,7 +36,7 @@ def evaluate_multistep(model, store: SequenceStore, cfg: EvalConfig, max_len: in
     n_items = store.num_items
     listed = torch.zeros(n_items + 1, dtype=torch.float64, device=device)
     # the time split holds out different users for val and test
-    users, repeats = eval_users(store, stage, cfg.repeat_targets)
+    users, repeats, of = stage_users(store, stage, cfg, device)
     for lo in range(0, len(users), cfg.batch_size):
         b = eval_batch(store, users[lo: lo + cfg.batch_size], max_len, stage)
         items = torch.from_numpy(b["items"]).long().to(device)
@@ -58,7 +58,7 @@ def evaluate_multistep(model, store: SequenceStore, cfg: EvalConfig, max_len: in
         for k, v in metric_sums(ranks, cfg.ks).items():
             sums[k] += v
         listed.index_fill_(0, recs[:, :COVERAGE_K].flatten(), 1.0)
-    out = reduce_means(sums, len(users), repeats, stage, device)
+    out = reduce_means(sums, len(users), repeats, stage, device, of)
     covered = all_reduce(listed, dist.ReduceOp.MAX if dist.is_available() and dist.is_initialized() else None)
     out[f"{stage}_coverage_{COVERAGE_K}"] = covered[1:].sum().item() / n_items  # index 0: an empty slot
     model.train(was_training)

@@ -5,8 +5,8 @@
     rec.score({"u1": ["i12", "i7"]}, candidates=["i3", "i4"])     # DataFrame user_id, item_id, score
 
 Histories are encoded into the same CSR store the evaluation reads, windowed by ``eval_batch`` and
-scored by ``score_batch`` / ``mask_seen`` of ``rayrec.eval.evaluate``: one scoring path, so what
-evaluation ranks first for a user is what this class recommends.
+scored through ``rayrec.eval.chunked`` (top-k over catalogue pieces) as evaluation is: one scoring
+path, so what evaluation ranks first for a user is what this class recommends.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import torch
 from rayrec.config import Config, ConfigError, load_config
 from rayrec.data.batches import SequenceStore, eval_batch
 from rayrec.data.log import DataError, resolve
+from rayrec.eval.chunked import ItemScores, SeenMask, chunk_size, top_items, topk_stable
 from rayrec.eval.evaluate import mask_seen, score_batch
 from rayrec.train import checkpoint as ckpt
 
@@ -213,6 +214,20 @@ class Recommender:
             out.append((mask_seen(s, b) if exclude_seen else s).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.num_items + 1)
 
+    @torch.no_grad()
+    def _top(self, store: SequenceStore, rows: np.ndarray, k: int, exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best items after each whole history, (len(rows), k) scores and item indices, ties to
+        the lower item: the catalogue a piece at a time (``eval.chunk_items``), never (B, N+1)."""
+        bs, values, items = self.cfg.eval.batch_size, [], []
+        for lo in range(0, len(rows), bs):
+            b = eval_batch(store, rows[lo: lo + bs], self.cfg.model.max_len, "next", trim=True)
+            seen = SeenMask.of(b, self.device) if exclude_seen else None
+            v, i = top_items(ItemScores.of(self.model, b, self.device), seen, k,
+                             chunk_size(self.cfg.eval.chunk_items, len(b["user_idx"])))
+            values.append(v.cpu())
+            items.append(i.cpu())
+        return torch.cat(values), torch.cat(items)
+
     def _empty_rows(self, keys: pa.Array, store: SequenceStore, policy: str) -> np.ndarray:
         empty = store.lengths == 0
         if empty.any() and policy == "error":
@@ -224,6 +239,7 @@ class Recommender:
         """Long-form recommendations for every user of a store: user_id, rank (1..k), item_id, score.
 
         A user gets fewer than k rows only when excluding the history leaves fewer than k items.
+        Equal scores rank the lower item index first, whatever ``eval.chunk_items`` is.
         """
         empty = self._empty_rows(keys, store, empty_history or self.cfg.infer.empty_history)
         n, k = len(keys), min(k, self.num_items)
@@ -231,11 +247,10 @@ class Recommender:
         index = torch.zeros((n, k), dtype=torch.int64)
         model_rows = np.flatnonzero(~empty)
         if len(model_rows):
-            s, i = self._scores(store, model_rows, exclude_seen).topk(k, dim=1)
-            scores[model_rows], index[model_rows] = s, i
+            scores[model_rows], index[model_rows] = self._top(store, model_rows, k, exclude_seen)
         if empty.any():
-            pop = torch.from_numpy(self.popularity).float().topk(k)
-            scores[torch.from_numpy(empty)], index[torch.from_numpy(empty)] = pop.values, pop.indices
+            pop_scores, pop_items = topk_stable(torch.from_numpy(self.popularity).float()[None], k)
+            scores[torch.from_numpy(empty)], index[torch.from_numpy(empty)] = pop_scores, pop_items
         keep = torch.isfinite(scores).numpy()  # -inf: excluded (seen) items when the catalogue runs out
         rows = np.repeat(np.arange(n), k).reshape(n, k)[keep]
         ranks = np.tile(np.arange(1, k + 1, dtype=np.int32), (n, 1))[keep]

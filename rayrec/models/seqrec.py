@@ -36,8 +36,9 @@ def emb_init_std(cfg, item_dim: int) -> tuple[float, float]:
 CPU_SCORE_CHUNK_BYTES = 8 * 2 ** 20
 
 
-def score_in_chunks(score, items: torch.Tensor, timestamps, users, width: int) -> torch.Tensor:
-    """``score(items, timestamps, users)`` over row chunks on CPU (one call elsewhere)."""
+def score_in_chunks(score, items: torch.Tensor, timestamps, users, width: int):
+    """``score(items, timestamps, users)`` over row chunks on CPU (one call elsewhere); ``score`` may
+    return a tensor or a tuple of tensors (or None), each concatenated over the chunks."""
     B, T = items.shape
     rows = max(1, CPU_SCORE_CHUNK_BYTES // (T * 3 * width * 4))
     if items.device.type != "cpu" or rows >= B or torch.jit.is_tracing() or torch.compiler.is_compiling():
@@ -48,7 +49,43 @@ def score_in_chunks(score, items: torch.Tensor, timestamps, users, width: int) -
     def part(t, lo):
         return None if t is None else t[lo: lo + rows]
 
-    return torch.cat([score(items[lo: lo + rows], part(timestamps, lo), part(users, lo)) for lo in range(0, B, rows)])
+    outs = [score(items[lo: lo + rows], part(timestamps, lo), part(users, lo)) for lo in range(0, B, rows)]
+    if isinstance(outs[0], tuple):
+        return tuple(None if o[0] is None else torch.cat(o) for o in zip(*outs))
+    return torch.cat(outs)
+
+
+# Catalogue items per scoring matmul. BLAS rounds a dot product differently with the width of the
+# matmul it is part of (MKL: 1 in ~10 scores moves by an ulp between widths 1000 and 5001), so
+# every path scores the catalogue in these fixed tiles, aligned at multiples of it: the full matrix,
+# the chunked evaluation and the chunked top-k then see the very same floats whatever their chunk
+# size, and a catalogue up to this size is one matmul, as it always was.
+SCORE_TILE = 32768
+
+
+def tile_scores(q: torch.Tensor, offset: torch.Tensor | None, emb: torch.Tensor, lo: int) -> torch.Tensor:
+    """Scores of the ``SCORE_TILE``-aligned tile of items starting at ``lo``: (B, Di), (B,) or None,
+    (N+1, Di) → (B, tile), the padding item 0 = -inf."""
+    scores = q @ emb[lo: lo + SCORE_TILE].T  # (B, tile)
+    if offset is not None:
+        scores = scores + offset[:, None]
+    if lo == 0:
+        scores[:, 0] = float("-inf")
+    return scores
+
+
+def all_scores(q: torch.Tensor, offset: torch.Tensor | None, emb: torch.Tensor) -> torch.Tensor:
+    """Every item's score, tile by tile: (B, N+1)."""
+    n = emb.shape[0]
+    if n <= SCORE_TILE:
+        return tile_scores(q, offset, emb, 0)
+    out = None
+    for lo in range(0, n, SCORE_TILE):
+        tile = tile_scores(q, offset, emb, lo)
+        if out is None:  # written in place: the tiles never exist beside the whole matrix
+            out = tile.new_empty(tile.shape[0], n)
+        out[:, lo: lo + tile.shape[1]] = tile
+    return out
 
 
 class SparseRows:
@@ -138,15 +175,20 @@ class SeqRec(nn.Module):
     def score_last(self, items: torch.Tensor, timestamps: torch.Tensor | None = None,
                    users: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of every item for the next position after each history: (B, N+1), padding = -inf."""
-        return score_in_chunks(self._score_last, items, timestamps, users, self.cfg.hidden)
+        q, offset = self.score_query(items, timestamps, users)
+        return all_scores(q, offset, self.output_embeddings())
 
-    def _score_last(self, items, timestamps, users) -> torch.Tensor:
+    @torch.no_grad()
+    def score_query(self, items: torch.Tensor, timestamps: torch.Tensor | None = None,
+                    users: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the next position's scores are made of: item i scores ``q . E[i] + offset`` with
+        ``E = output_embeddings()``: q (B, Di), offset (B,) or None. Large catalogues are scored
+        from it tile by tile (``tile_scores``), never as a (B, N+1) matrix."""
+        return score_in_chunks(self._score_query, items, timestamps, users, self.cfg.hidden)
+
+    def _score_query(self, items, timestamps, users):
         if hasattr(self.head, "query"):  # masked-item heads read the next item off an appended mask token
             items, timestamps = self.head.query(items), None
         h = self.encode(items, timestamps, users, last=1)  # (B, 1, D): histories are left-padded
-        h_item, offset = self.user.split(h, users)
-        scores = h_item[:, 0] @ self.output_embeddings().T  # (B, N+1)
-        if offset is not None:
-            scores = scores + offset
-        scores[:, 0] = float("-inf")
-        return scores
+        h_item, offset = self.user.split(h, users)  # (B, 1, Di), (B, 1) or None
+        return h_item[:, 0], (None if offset is None else offset[:, 0])
