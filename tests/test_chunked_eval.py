@@ -178,7 +178,9 @@ def test_recommend_top_k_is_chunk_free_and_matches_the_dense_topk():
     for o in outs[1:]:
         assert o.equals(outs[0])
     keys, st = rec.encode({u: h for u, h in hist.items() if h})
-    dense = rec._scores(st, np.arange(len(keys)), exclude_seen=True)
+    b = eval_batch(st, np.arange(len(keys)), T, "next", trim=True)  # the one batch _top scores
+    unmasked = score_batch(m, b, CPU)
+    dense = mask_seen(unmasked.clone(), b)
     v, i = topk_stable(dense, 12)
     got = outs[0][outs[0].user_id != "u3"].groupby("user_id", sort=False).head(12)
     assert got.item_id.tolist() == rec.item_id(i.flatten().numpy()).to_pylist()
@@ -188,6 +190,11 @@ def test_recommend_top_k_is_chunk_free_and_matches_the_dense_topk():
     assert both.any() and torch.equal(dense[both, 9], dense[both, 30])
     assert all(p.index("i9") < p.index("i30") for u, p in pos.items() if u != "u3" and "i9" in p and "i30" in p)
     assert pos["u3"][:4] == ["i5", "i10", "i15", "i20"]  # counts 0..4 repeat: ties go to the lower item
+    # candidate scores are read from the same tiles, never from a (users, N+1) matrix
+    got = rec.score(hist, ["i1", "i9", "i30", "i40"]).score.to_numpy().reshape(U, 4)
+    model_users = [r for r in range(U) if r != 2]
+    assert np.array_equal(got[model_users], unmasked[:, [1, 9, 30, 40]].double().numpy())
+    assert np.array_equal(got[2], counts[[0, 8, 29, 39]].astype(np.float64))
 
 
 def test_user_sample_is_seeded_exact_and_independent_of_sharding():

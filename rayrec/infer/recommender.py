@@ -26,7 +26,6 @@ from rayrec.config import Config, ConfigError, load_config
 from rayrec.data.batches import SequenceStore, eval_batch
 from rayrec.data.log import DataError, resolve
 from rayrec.eval.chunked import ItemScores, SeenMask, chunk_size, top_items, topk_stable
-from rayrec.eval.evaluate import mask_seen, score_batch
 from rayrec.train import checkpoint as ckpt
 
 log = logging.getLogger("rayrec.infer")
@@ -205,14 +204,15 @@ class Recommender:
     # scoring
 
     @torch.no_grad()
-    def _scores(self, store: SequenceStore, rows: np.ndarray, exclude_seen: bool) -> torch.Tensor:
-        """(len(rows), N+1) scores after each whole history: the evaluation's scoring path."""
-        out = []
-        for lo in range(0, len(rows), self.cfg.eval.batch_size):
-            b = eval_batch(store, rows[lo: lo + self.cfg.eval.batch_size], self.cfg.model.max_len, "next", trim=True)
-            s = score_batch(self.model, b, self.device)
-            out.append((mask_seen(s, b) if exclude_seen else s).cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.num_items + 1)
+    def _scores_at(self, store: SequenceStore, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The scores of items ``cols`` (len(rows), M) after each whole history, nothing masked:
+        read from the catalogue's scoring tiles, so they are the floats ``top_k`` ranks by."""
+        bs, out = self.cfg.eval.batch_size, []
+        for lo in range(0, len(rows), bs):
+            b = eval_batch(store, rows[lo: lo + bs], self.cfg.model.max_len, "next", trim=True)
+            picked, _ = ItemScores.of(self.model, b, self.device).scan(torch.from_numpy(cols[lo: lo + bs]).to(self.device))
+            out.append(picked.double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, cols.shape[1]))
 
     @torch.no_grad()
     def _top(self, store: SequenceStore, rows: np.ndarray, k: int, exclude_seen: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,10 +304,13 @@ class Recommender:
         empty = self._empty_rows(keys, store, empty_history or self.cfg.infer.empty_history)
         lens = np.array([len(c) for c in cand_raw], dtype=np.int64)
         rows = np.repeat(np.arange(n), lens)
-        full = np.empty((n, self.num_items + 1), dtype=np.float64)
-        full[~empty] = self._scores(store, np.flatnonzero(~empty), exclude_seen=False).double().numpy()
-        full[empty] = self.popularity
-        out = full[rows, cidx]
+        pos = np.arange(len(rows)) - np.repeat(np.r_[0, np.cumsum(lens)[:-1]], lens)
+        cols = np.zeros((n, int(lens.max(initial=0))), dtype=np.int64)  # (users, longest list), 0 = padding
+        cols[rows, pos] = cidx
+        table = np.empty(cols.shape, dtype=np.float64)  # never (users, N+1)
+        table[~empty] = self._scores_at(store, np.flatnonzero(~empty), cols[~empty])
+        table[empty] = self.popularity[cols[empty]]
+        out = table[rows, pos]
         out[cidx == 0] = np.nan
         return pa.table({"user_id": keys.take(pa.array(rows)), "item_id": flat,
                          "score": pa.array(out, pa.float64())}).to_pandas()
