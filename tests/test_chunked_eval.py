@@ -1,6 +1,7 @@
 """Full ranking, coverage and top-k recommendation over catalogue pieces give exactly the dense
 results (same floats, same items, same order) for every model axis and chunk size; the user sample
-of eval.max_users is seeded, exact in size and the same whatever the sharding. No Ray."""
+of eval.max_users is seeded, exact in size and the same whatever the sharding. No Ray, but for one
+2-worker run that checks the sample against a single-process evaluation."""
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -223,3 +224,19 @@ def test_chunk_and_sample_knobs_are_validated():
     for bad in ("eval.chunk_items=-1", "eval.max_users=-5"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(None, [bad])
+
+
+@pytest.mark.ray
+def test_a_user_sample_under_2_worker_ddp_is_the_single_process_sample(ray_cluster, synthetic_log, tmp_path):
+    from rayrec.eval.offline import evaluate_checkpoint
+    from rayrec.train.fit import fit
+
+    cfg = load_config(None, [f"data.log={synthetic_log}", f"output_dir={tmp_path}", "name=sample", "model.max_len=20",
+                             "model.hidden=32", "model.num_heads=2", "train.batch_size=64", "train.epochs=1",
+                             "eval.max_users=50", "eval.chunk_items=7", "scale.num_workers=2", "scale.cpus_per_worker=0.5"])
+    res = fit(cfg)
+    m = res.metrics
+    assert m["val_users"] == m["test_users"] == 50 and m["test_users_sampled_from"] > 50
+    again, _ = evaluate_checkpoint(res.run_dir)  # one process holding every user picks the same 50
+    assert again["test_users"] == 50 and again["test_users_sampled_from"] == m["test_users_sampled_from"]
+    assert again["test_ndcg_10"] == pytest.approx(m["test_ndcg_10"], abs=1e-6)
