@@ -32,9 +32,9 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 def score_batch(model, b: dict, device: torch.device) -> torch.Tensor:
     """Scores of every item after each history of an ``eval_batch``: (B, N+1), padding = -inf.
 
-    The dense matrix, for candidate scoring and for models without ``score_query``; evaluation
-    and top-k recommendation read the same floats a piece at a time (``rayrec.eval.chunked``), so
-    what the metrics rank first is what a user is recommended.
+    The dense matrix, for models without ``score_query``; evaluation, top-k recommendation and
+    candidate scoring read the same floats a piece at a time (``rayrec.eval.chunked``), so what the
+    metrics rank first is what a user is recommended.
     """
     items = torch.from_numpy(b["items"]).long().to(device)
     stamps = torch.from_numpy(b["timestamps"]).to(device)
@@ -180,10 +180,6 @@ def reduce_means(sums: dict[str, float], users: int, repeats: int, stage: str, d
     if sampled_from is not None:
         out[f"{stage}_users_sampled_from"] = float(sampled_from)
     return out
-
-
-def check_finite(scores: torch.Tensor, stage: str) -> None:
-    refuse_nan(torch.isnan(scores).any(dim=1), stage)
 
 
 def refuse_nan(nan_rows: torch.Tensor, stage: str) -> None:
