@@ -49,6 +49,7 @@ class ItemScores:
         dense = score_batch(model, b, device)
         return cls(lambda lo: dense, dense.shape[1], dense.shape[1])
 
+    @torch.no_grad()
     def tile(self, lo: int) -> torch.Tensor:
         if lo != self._lo:
             self._lo, self._cached = lo, None  # free the old tile before the new one is made
