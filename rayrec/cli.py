@@ -13,11 +13,24 @@ from rayrec.data.log import DataError
 EPILOG = "Overrides use dotted keys, e.g. train.lr=0.001 model.head=ce scale.num_workers=2"
 
 
+COUNT_SUFFIXES = ("_users", "_repeat_targets", "_users_sampled_from")  # counts, not metrics
+
+
 def _metric_table(metrics: dict, title: str) -> str:
     rows = [(k, v) for k, v in sorted(metrics.items())
-            if isinstance(v, float) and k.startswith(("val_", "test_", "best_", "baseline_")) and not k.endswith(("_users", "_repeat_targets"))]
+            if isinstance(v, float) and k.startswith(("val_", "test_", "best_", "baseline_")) and not k.endswith(COUNT_SUFFIXES)]
     w = max((len(k) for k, _ in rows), default=10)
-    return "\n".join([title] + [f"  {k:<{w}}  {v:.4f}" for k, v in rows])
+    notes = []
+    for stage in ("val", "test"):
+        if f"{stage}_users" not in metrics:
+            continue
+        n = f"{stage}: {metrics[f'{stage}_users']:,.0f} users"
+        if f"{stage}_users_sampled_from" in metrics:
+            n += f" (a seeded sample of {metrics[f'{stage}_users_sampled_from']:,.0f}: eval.max_users)"
+        if metrics.get(f"{stage}_repeat_targets"):
+            n += f", {metrics[f'{stage}_repeat_targets']:,.0f} with a repeat target (eval.repeat_targets)"
+        notes.append(n)
+    return "\n".join([title] + [f"  {k:<{w}}  {v:.4f}" for k, v in rows] + [f"  {n}" for n in notes])
 
 
 def cmd_prepare(a) -> None:

@@ -74,7 +74,7 @@ def results_table(cfg: Config, grid):
         row["epochs"] = int(metrics["epoch"]) if "epoch" in metrics else 0
         row["best_epoch"] = int(metrics["best_epoch"]) if "best_epoch" in metrics else None
         for k, v in metrics.items():
-            if k.startswith("test_") and not k.endswith(("_users", "_repeat_targets")):
+            if k.startswith("test_") and not k.endswith(("_users", "_repeat_targets", "_users_sampled_from")):
                 row[k] = float(v)
         for k, v in sorted((res.config or {}).items()):
             row[f"config/{k}"] = _hp_value(v)
