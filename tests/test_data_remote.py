@@ -129,7 +129,7 @@ def test_sequences_build_on_s3_matches_a_local_build(synthetic_log, tmp_path, ra
                           aws_secret_access_key="rayrec-test", region_name="us-east-1")
         s3.create_bucket(Bucket="rayrec")
         log_dir = Path(synthetic_log).parent  # interactions.parquet and meta.json (an ignored file)
-        for f in sorted(log_dir.iterdir()):
+        for f in sorted(p for p in log_dir.iterdir() if p.is_file()):  # not a local _rayrec_cache of other tests
             s3.upload_file(str(f), "rayrec", f"log/{f.name}")
 
         res = _run(_S3_BUILD, {"s3_log": "s3://rayrec/log", "s3_cache": "s3://rayrec/cache", "local_log": synthetic_log,
