@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 V_START, V_END = "<!-- variants:start -->", "<!-- variants:end -->"
 S_START, S_END = "<!-- speed:start -->", "<!-- speed:end -->"
+C_START, C_END = "<!-- catalogue:start -->", "<!-- catalogue:end -->"
 COLS = [("test_ndcg_10", "NDCG@10 full"), ("test_hr_10", "HR@10 full"), ("test_sampled_ndcg_10", "NDCG@10 sampled-100"),
         ("test_sampled_hr_10", "HR@10 sampled-100"), ("test_coverage_10", "coverage@10")]
 
@@ -57,6 +58,15 @@ def main(argv=None) -> None:
         body = speed_table(r["rows"]) + "\n\n" + " · ".join(f"`{k}` {v}" for k, v in r["metrics"].items()) + \
             f"\n\n({r['hardware']}, commit {r['commit'][:8]})"
         text = _replace(text, S_START, S_END, body)
+    catalogue = ROOT / "bench" / "results" / "catalogue_scale.json"
+    if catalogue.exists():
+        r = json.loads(catalogue.read_text())
+        keys = ("seq_per_s_10k", "seq_per_s_1m", "throughput_ratio_1m_vs_10k", "sparse_vs_dense_seq_per_s_1m",
+                "allreduce_mb_per_step_1m", "peak_rss_gib_per_worker_1m", "eval_s_1m", "eval_peak_gib_1m",
+                "recommend_ms_b1_1m")
+        body = " · ".join(f"`{k}` {r['metrics'][k]}" for k in keys if k in r["metrics"]) + \
+            f"\n\n({r['hardware']}, commit {r['commit'][:8]})"
+        text = _replace(text, C_START, C_END, body)
     readme.write_text(text)
     print("README.md results tables updated")
 

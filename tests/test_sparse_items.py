@@ -124,3 +124,17 @@ def test_auto_goes_sparse_from_the_threshold():
     c = load_config(None, ["model.head=sampled_softmax", "train.sparse_min_items=1000"])
     assert not use_sparse_items(c, 999) and use_sparse_items(c, 1000)
     assert not use_sparse_items(load_config(None, ["train.item_grad=dense"]), 10 ** 7)
+
+
+@pytest.mark.ray
+def test_the_row_sparse_table_learns_under_2_worker_ddp(ray_cluster, synthetic_log, tmp_path):
+    from tests.test_train import SMALL, popularity_ndcg
+    from rayrec.train.fit import fit
+
+    c = load_config(None, [f"data.log={synthetic_log}", f"output_dir={tmp_path}", "name=sparse", "train.epochs=8",
+                           "scale.num_workers=2", "scale.cpus_per_worker=0.5", "train.item_grad=sparse", *SMALL])
+    res = fit(c)
+    pop = popularity_ndcg(res.data, c)
+    got = res.metrics["test_ndcg_10"]
+    assert res.metrics["sparse_item_table"] == 1.0
+    assert got > 2 * pop and got - pop > 0.05, (got, pop)
