@@ -109,6 +109,21 @@ def test_empty_histories_get_popular_items_or_an_error(rec, raw_sequences):
         rec.recommend([[]], k=5, empty_history="error")
 
 
+def test_api_edge_cases_are_documented_behaviour_or_one_clear_error(rec, raw_sequences):
+    popular = rec.item_id(np.argsort(-rec.popularity[1:], kind="stable")[:3] + 1).to_pylist()
+    assert rec.recommend([], k=3).item_id.tolist() == popular  # a flat list is one history, here empty
+    assert len(rec.recommend({}, k=3)) == 0  # no users: nothing to recommend
+    hist = next(iter(raw_sequences.values()))
+    assert len(rec.recommend(hist, k=4)) == 4 and len(rec.recommend(hist)) == rec.cfg.infer.k
+    for k in (0, -1, 2.5, True):
+        with pytest.raises(DataError, match="k must be a positive integer"):
+            rec.recommend(hist, k=k)
+    with pytest.raises(DataError, match="must share one type, got int .*str"):
+        rec.recommend([hist[0], str(hist[1])], k=3)
+    with pytest.raises(DataError, match="must share one type"):
+        rec.score([hist], candidates=[hist[0], str(hist[1])])
+
+
 def test_tables_and_score_agree_with_recommend(rec, raw_sequences):
     users = list(raw_sequences)[:3]
     rows = [(u, it, t) for u in users for t, it in enumerate(raw_sequences[u])]

@@ -269,8 +269,11 @@ class Recommender:
         empty_history=popular).
         """
         i = self.cfg.infer
+        k = i.k if k is None else k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise DataError(f"k must be a positive integer (the length of each list), got {k!r}")
         keys, store = self.encode(histories, unknown_items)
-        return self.top_k(keys, store, k or i.k, i.exclude_seen if exclude_seen is None else exclude_seen,
+        return self.top_k(keys, store, int(k), i.exclude_seen if exclude_seen is None else exclude_seen,
                           empty_history).to_pandas()
 
     def recommend_sequences(self, batch: pa.Table, k: int, exclude_seen: bool) -> pa.Table:
@@ -295,7 +298,7 @@ class Recommender:
             cand_raw = [list(c) for c in candidates]
             if len(cand_raw) != n:
                 raise DataError(f"got {len(cand_raw)} candidate lists for {n} users; pass one list, or one per user")
-        flat = pa.array([c for cs in cand_raw for c in cs])
+        flat = item_array([c for cs in cand_raw for c in cs])
         cidx = self.item_index(flat)
         if (cidx == 0).any() and policy == "error":
             bad = pc.unique(flat.filter(pa.array(cidx == 0))).to_pylist()
@@ -349,13 +352,24 @@ def _flatten(histories) -> tuple[pa.Array, np.ndarray, pa.Array, np.ndarray | No
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             raise DataError("the user keys of a history dict must share one type (all ints or all strings)") from None
         lists = [list(v) for v in histories.values()]
-    elif _is_seq(histories) and len(histories) and not any(_is_seq(h) for h in histories):
-        keys, lists = pa.array([0]), [list(histories)]  # one history given as a flat list
+    elif _is_seq(histories) and not any(_is_seq(h) for h in histories):
+        keys, lists = pa.array([0]), [list(histories)]  # one history given as a flat list ([] = one empty history)
     elif _is_seq(histories):
         keys, lists = pa.array(np.arange(len(histories), dtype=np.int64)), [list(h) for h in histories]
     else:
         raise DataError(f"histories must be a list of item ids, a list of lists, a dict user -> list, or a table; "
                         f"got {type(histories).__name__}")
     lens = np.array([len(x) for x in lists], dtype=np.int64)
-    raw = pa.array([x for xs in lists for x in xs])
-    return keys, np.r_[0, np.cumsum(lens)].astype(np.int64), raw, None
+    return keys, np.r_[0, np.cumsum(lens)].astype(np.int64), item_array([x for xs in lists for x in xs]), None
+
+
+def item_array(ids: list) -> pa.Array:
+    """Raw item ids as one Arrow array; ids of mixed types (``"12"`` beside ``12``) are refused, since
+    the vocabulary holds one type and a silent cast would change which item is meant."""
+    try:
+        return pa.array(ids)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        kinds = sorted({type(x).__name__ for x in ids})
+        examples = {t: next(repr(x) for x in ids if type(x).__name__ == t) for t in kinds}
+        raise DataError(f"item ids of one call must share one type, got {', '.join(f'{t} (e.g. {e})' for t, e in examples.items())}; "
+                        "pass them all as the vocabulary's type (see Recommender.item_id)") from None
