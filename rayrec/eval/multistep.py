@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from rayrec.config import EvalConfig
 from rayrec.data.batches import SequenceStore, eval_batch
-from rayrec.eval.evaluate import all_reduce, reduce_means, stage_users
+from rayrec.eval.evaluate import all_reduce, reduce_means, seen_items, stage_users
 from rayrec.eval.metrics import MISS_RANK as MISS, metric_sums
 from rayrec.models.diffusion import generate
 
@@ -41,15 +41,8 @@ def evaluate_multistep(model, store: SequenceStore, cfg: EvalConfig, max_len: in
         b = eval_batch(store, users[lo: lo + cfg.batch_size], max_len, stage)
         items = torch.from_numpy(b["items"]).long().to(device)
         target = torch.from_numpy(b["target"]).to(device)
-        seen, masked = {}, torch.zeros_like(target, dtype=torch.bool)
-        if cfg.exclude_seen:
-            rows, seen_items = torch.from_numpy(b["seen_rows"]).to(device), torch.from_numpy(b["seen_items"]).to(device)
-            is_target = seen_items == target[rows]
-            if cfg.repeat_targets == "rank":  # the target alone stays listable
-                rows, seen_items = rows[~is_target], seen_items[~is_target]
-            else:
-                masked[rows[is_target]] = True
-            seen = {"seen_rows": rows, "seen_items": seen_items}
+        mask, masked = seen_items(b, target, cfg, device)
+        seen = {} if mask is None else {"seen_rows": mask.rows, "seen_items": mask.items}
         recs = generate(model, items, cfg.diffusion_k, users=torch.from_numpy(b["user_idx"]).long().to(device),
                         threshold=cfg.diffusion_threshold, decay=cfg.diffusion_decay,
                         temperature=cfg.diffusion_temperature, generator=gen, **seen)  # (B, K)

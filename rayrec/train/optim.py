@@ -19,6 +19,7 @@ import torch
 from rayrec.config import Config, sparse_item_blockers
 from rayrec.quant import is_quant_param
 
+
 def use_sparse_items(cfg: Config, num_items: int) -> bool:
     """``train.item_grad``: dense, sparse, or auto = sparse from ``train.sparse_min_items`` items on,
     where nothing blocks it (load_config refuses an explicit sparse that something blocks)."""
