@@ -206,3 +206,16 @@ def test_cli_subcommands_have_help(cmd, capsys):
 def test_recommend_job_shows_help():
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "recommend.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "infer.k" in out.stdout and "key.sub=value" in out.stdout
+
+
+def test_a_run_folder_that_does_not_exist_is_named_as_missing_with_the_nearest_runs(tmp_path):
+    from rayrec.config import ConfigError
+    from rayrec.eval.offline import find_checkpoint
+
+    (tmp_path / "quickstart-20261206-101500").mkdir()
+    with pytest.raises(ConfigError, match=r"quickstart does not exist; did you mean .*quickstart-20261206-101500"):
+        find_checkpoint(tmp_path / "quickstart")
+    with pytest.raises(ConfigError, match=r"nothing does not exist; give the run folder"):
+        find_checkpoint(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="neither a checkpoint folder"):
+        find_checkpoint(tmp_path / "quickstart-20261206-101500")

@@ -18,6 +18,11 @@ def find_checkpoint(path: str | Path) -> Path:
     found = ckpt.candidates(p)
     if found:  # a run folder: its newest checkpoint that verifies, or why none does
         return Path(ckpt.require_valid(found, f"in {p}"))
+    if not p.exists():
+        near = sorted(q.name for q in p.parent.glob(p.name + "*") if q.is_dir())[-3:] if p.parent.is_dir() else []
+        hint = f"; did you mean {', '.join(str(p.parent / n) for n in near)}?" if near else \
+            "; give the run folder a training wrote (its path is printed at the end of the run)"
+        raise ConfigError(f"{p} does not exist{hint}")
     raise ConfigError(f"{p} is neither a checkpoint folder (with {ckpt.STATE}) nor a run folder holding one")
 
 
