@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="key=value applied to every stage")
     p.add_argument("--only", nargs="*", default=["ce", "pretrain", "sft"], help="stages to run")
-    p.add_argument("--readme", action="store_true", help="write the table into README.md between its diffusion markers")
+    p.add_argument("--readme", action="store_true", help="write the table into the docs (docs/results.md) between its diffusion markers")
     a = p.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     path = RESULTS / "diffusion.json"
@@ -104,9 +104,9 @@ def main(argv=None) -> None:
         top = json.loads(path.read_text())
         text += (f"\n\nBudget for every row: {' '.join(BUDGET)}; SFT: {' '.join(SFT)} (from the pre-training run's best "
                  f"weights). {top['hardware']}, commit {top['commit'][:8]}.")
-        readme = ROOT / "README.md"
-        head, rest = readme.read_text().split("<!-- diffusion:start -->", 1)
-        readme.write_text(f"{head}<!-- diffusion:start -->\n{text}\n<!-- diffusion:end -->{rest.split('<!-- diffusion:end -->', 1)[1]}")
+        from bench.blocks import replace_block
+
+        replace_block("diffusion", text)
 
 
 if __name__ == "__main__":

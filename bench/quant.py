@@ -197,11 +197,9 @@ def readme_table(result: dict) -> str:
 
 def update_readme() -> None:
     result = json.loads((ROOT / "bench" / "results" / "quant.json").read_text())
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    head, rest = text.split("<!-- quant:start -->", 1)
-    _, tail = rest.split("<!-- quant:end -->", 1)
-    readme.write_text(f"{head}<!-- quant:start -->\n{readme_table(result)}\n<!-- quant:end -->{tail}")
+    from bench.blocks import replace_block
+
+    replace_block("quant", readme_table(result))
 
 
 def load_speed(path: str) -> dict:
