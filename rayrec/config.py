@@ -83,6 +83,11 @@ class ModelConfig:
     sse_item_prob: float = 0.0  # ssept: probability of replacing each input item id in training
     diffusion_eps: float = 1e-3  # masked_diffusion: mask rate t ~ U(eps, 1) per sequence in pre-training
     diffusion_sft_positions: int = 1  # masked_diffusion, train.stage=sft: final positions masked per sequence
+    # masked_diffusion pre-training mask: "uniform" = LLaDA's t ~ U(eps, 1) per sequence; "fixed" = every
+    # position with probability diffusion_mask_prob (BERT4Rec's masked-item objective); both weight 1/t
+    diffusion_schedule: Literal["uniform", "fixed"] = "uniform"
+    diffusion_mask_prob: float = 0.2
+    diffusion_last_prob: float = 0.0  # pre-training: share of sequences with only the final position(s) masked
 
 
 @dataclass
@@ -114,6 +119,9 @@ class TrainConfig:
     init_from: str = ""  # run or checkpoint folder whose best weights start this run (fresh optimizer and epochs)
     sft_epochs: int = 0  # > 0: after pre-training, chain an SFT run (<name>_sft) from its best weights
     sft_lr: float = 0.0  # learning rate of the chained SFT run; 0 = train.lr
+    # share of a batch's users whose training window ends at a uniformly random point of their
+    # training history instead of its newest item (random crops: every epoch sees other windows)
+    window_crop: float = 0.0
 
 
 @dataclass
@@ -397,6 +405,8 @@ def validate(cfg: Config) -> Config:
         (m.head != "masked_diffusion" or m.sse_item_prob == 0,
          "model.sse_item_prob would replace mask tokens with items; set it to 0 with model.head=masked_diffusion"),
         (0.0 < m.diffusion_eps < 1.0, f"model.diffusion_eps must be in (0, 1), got {m.diffusion_eps}"),
+        (0.0 < m.diffusion_mask_prob <= 1.0, f"model.diffusion_mask_prob must be in (0, 1], got {m.diffusion_mask_prob}"),
+        (0.0 <= m.diffusion_last_prob <= 1.0, f"model.diffusion_last_prob must be in [0, 1], got {m.diffusion_last_prob}"),
         (1 <= m.diffusion_sft_positions < m.max_len,
          f"model.diffusion_sft_positions must be in [1, max_len={m.max_len}), got {m.diffusion_sft_positions}"),
         (t.stage == "pretrain" or m.head == "masked_diffusion",
@@ -430,6 +440,7 @@ def validate(cfg: Config) -> Config:
         (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (0 < t.lr_decay_rate <= 1 and t.lr_decay_step >= 1, "train.lr_decay_rate must be in (0, 1] and lr_decay_step >= 1"),
         (t.eval_every >= 1, "train.eval_every must be >= 1"),
+        (0.0 <= t.window_crop <= 1.0, f"train.window_crop must be in [0, 1], got {t.window_crop}"),
         (t.patience >= 0 and t.max_steps_per_epoch >= 0, "train.patience and max_steps_per_epoch must be >= 0"),
         (all(0.0 <= b < 1.0 for b in t.betas), "train.betas must be in [0, 1)"),
         (len(e.ks) > 0 and all(k >= 1 for k in e.ks), "eval.ks must be a non-empty list of positive ints"),

@@ -55,6 +55,41 @@ def test_masking_schedule_masks_a_fraction_t_on_average():
     assert sft.sum().item() == 6 and sft[:, -2:].all()
 
 
+def test_fixed_schedule_and_final_position_rows():
+    torch.manual_seed(0)
+    b = {"items": torch.randint(1, N + 1, (4000, T)), "targets": torch.randint(1, N + 1, (4000, T))}
+    b["items"][:, :4] = 0  # length T - 4 + 1 after training_sequence drops a column and appends a target
+    h = model("model.diffusion_schedule=fixed", "model.diffusion_mask_prob=0.25").head
+    c = h.corrupt(b)
+    mask, L = c["diffusion_mask"], T - 3
+    assert not mask[:, :3].any() and abs(mask.float().mean().item() * T / L - 0.25) < 0.01
+    assert torch.allclose(c["diffusion_weight"], torch.full((4000,), 1 / (0.25 * L)))  # the 1/t estimator at t = p
+    h = model("model.diffusion_schedule=fixed", "model.diffusion_last_prob=0.4").head
+    c = h.corrupt(b)
+    last = c["diffusion_weight"] == 1  # random rows weigh 1 / (0.2 * 9)
+    assert abs(last.float().mean().item() - 0.4) < 0.03
+    assert torch.equal(c["diffusion_mask"][last], final_mask(c["diffusion_targets"], 1)[last])  # only the final position
+
+
+def test_random_window_ends_stay_inside_the_training_prefix():
+    import numpy as np
+
+    from rayrec.data.batches import SequenceStore, random_ends, train_batch
+
+    lengths = np.array([2, 5, 30, 80])
+    store = SequenceStore(user_idx=np.arange(4), offsets=np.r_[0, np.cumsum(lengths)], items=np.arange(1, lengths.sum() + 1),
+                          timestamps=np.zeros(lengths.sum(), np.int64), eval_negatives=None, num_items=int(lengths.sum()))
+    rows = np.repeat(np.arange(4), 2000)
+    rng = np.random.default_rng(0)
+    assert (random_ends(store, rows, 0.0, rng) == store.train_end()[rows]).all()
+    end = random_ends(store, rows, 1.0, rng)
+    lo = np.minimum(store.offsets[rows] + 2, store.train_end()[rows])  # train_end: 78 training items of the longest
+    assert (end >= lo).all() and (end <= store.train_end()[rows]).all()
+    assert len(np.unique(end[rows == 3])) == 78 - 2 + 1  # every cut of the longest user is drawn
+    b = train_batch(store, rows[-3:], 10, end=end[-3:])
+    assert (b["targets"][:, -1] == end[-3:]).all()  # item ids here are flat position + 1
+
+
 def test_loss_is_weighted_ce_on_masked_positions_only():
     m = model().eval()
     b = m.head.corrupt(batch())

@@ -150,13 +150,14 @@ def gather_windows(flat: np.ndarray, start: np.ndarray, end: np.ndarray, max_len
 
 
 def train_batch(store: SequenceStore, rows: np.ndarray, max_len: int, ratings: bool = False,
-                trim: bool = False) -> dict[str, np.ndarray]:
+                trim: bool = False, end: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Inputs s[:-1] and next-item targets s[1:] of each user's training prefix, left-padded
     (with ``ratings``: the rating of each target, aligned with ``targets``). ``trim``: only as wide
     as the batch's longest prefix (at most ``max_len``); positions count back from the newest
-    item, so a row's values do not depend on the width."""
+    item, so a row's values do not depend on the width. ``end``: each row's window ends before
+    this flat position instead of at its training prefix's end (``random_ends``)."""
     start = store.offsets[rows]
-    end = store.train_end()[rows]
+    end = store.train_end()[rows] if end is None else end
     if trim:
         max_len = min(max_len, max(1, int((end - 1 - start).max(initial=0))))
     b = {
@@ -168,6 +169,16 @@ def train_batch(store: SequenceStore, rows: np.ndarray, max_len: int, ratings: b
     if ratings:
         b["ratings"] = gather_windows(store.ratings, start + 1, end, max_len, pad=0.0)  # (B, T) float32
     return b
+
+
+def random_ends(store: SequenceStore, rows: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """Window ends for ``train_batch``: a ``share`` of the rows end after a uniformly random item of
+    their training prefix (at least two items in, so the window has a target), the rest at its end."""
+    start, end = store.offsets[rows], store.train_end()[rows]
+    crop = rng.random(len(rows)) < share
+    lo = np.minimum(start + 2, end)
+    cut = lo + np.floor(rng.random(len(rows)) * (end - lo + 1)).astype(end.dtype)
+    return np.where(crop, np.minimum(cut, end), end)
 
 
 def sample_negatives(

@@ -9,6 +9,10 @@ training window from (inputs, targets) and corrupts it itself (``corrupt``, call
   cross-entropy over the real items on masked positions, weighted 1/t and normalised by the
   sequence's length (Nie et al., "Large Language Diffusion Models", 2025). Its expectation over
   the masks is the mean per-item cross-entropy of the sequence.
+  ``diffusion_schedule: fixed`` masks every position with the fixed probability
+  ``diffusion_mask_prob`` (BERT4Rec's masked-item objective; the same estimator at a constant t), and
+  ``diffusion_last_prob`` of the sequences are masked at their final position(s) only: the next-item
+  query inside pre-training.
 - SFT (``train.stage: sft``): only the final ``diffusion_sft_positions`` positions are masked: the
   next-item objective, in exactly the form single-step inference queries.
 - Single-step inference (``query``, used by ``SeqRec.score_last`` and so by the shared evaluation
@@ -43,6 +47,12 @@ def random_mask(seq: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tens
     return mask, t
 
 
+def fixed_mask(seq: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every real position masked with the fixed probability p: (mask (B, T) bool, t (B,) = p)."""
+    mask = (torch.rand(seq.shape, device=seq.device) < p) & (seq != 0)  # (B, T)
+    return mask, torch.full(seq.shape[:1], p, device=seq.device)
+
+
 def final_mask(seq: torch.Tensor, positions: int) -> torch.Tensor:
     """The last ``positions`` real positions of every row (rows are left-padded): (B, T) bool."""
     T = seq.shape[1]
@@ -56,6 +66,7 @@ class MaskedDiffusionHead(nn.Module):
     def __init__(self, cfg, num_items: int):
         super().__init__()
         self.eps, self.sft_positions = cfg.diffusion_eps, cfg.diffusion_sft_positions
+        self.schedule, self.mask_prob, self.last_prob = cfg.diffusion_schedule, cfg.diffusion_mask_prob, cfg.diffusion_last_prob
         self.mask_token = num_items + 1
         self.stage = "pretrain"  # the training loop sets this from train.stage (a training, not model, setting)
 
@@ -67,8 +78,13 @@ class MaskedDiffusionHead(nn.Module):
             mask = final_mask(seq, self.sft_positions)
             row_weight = 1.0 / mask.sum(1).clamp(min=1)  # mean over the masked final positions
         else:
-            mask, t = random_mask(seq, self.eps)
+            mask, t = fixed_mask(seq, self.mask_prob) if self.schedule == "fixed" else random_mask(seq, self.eps)
             row_weight = 1.0 / (t * length.clamp(min=1))  # 1/t, normalised by the sequence length
+            if self.last_prob > 0:  # a share of rows asks the next-item query instead
+                last = torch.rand(seq.shape[0], device=seq.device) < self.last_prob  # (B,)
+                final = final_mask(seq, self.sft_positions)
+                mask = torch.where(last[:, None], final, mask)
+                row_weight = torch.where(last, 1.0 / final.sum(1).clamp(min=1), row_weight)
         out = {k: v for k, v in batch.items() if k != "timestamps"}  # bidirectional attention reads no times
         out.update(items=seq.masked_fill(mask, self.mask_token), diffusion_targets=seq, diffusion_mask=mask,
                    diffusion_weight=row_weight, diffusion_rows=length > 0)

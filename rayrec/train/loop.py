@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from rayrec.config import Config, config_from_dict
-from rayrec.data.batches import SequenceStore, sample_negatives, shared_allowed, train_batch
+from rayrec.data.batches import SequenceStore, random_ends, sample_negatives, shared_allowed, train_batch
 from rayrec.eval.baselines import MostPopular
 from rayrec.eval.evaluate import evaluate
 from rayrec.models import build_model
@@ -127,7 +127,8 @@ class EpochBatches:
             order, norm = self.length_buckets(order, epoch, rng)
         for i in range(self.steps):
             rows = order[i * self.per_rank: (i + 1) * self.per_rank]
-            b = train_batch(self.store, rows, m.max_len, ratings=self.needs_ratings, trim=norm is not None)
+            end = random_ends(self.store, rows, self.cfg.train.window_crop, rng) if self.cfg.train.window_crop > 0 else None
+            b = train_batch(self.store, rows, m.max_len, ratings=self.needs_ratings, trim=norm is not None, end=end)
             if norm is not None and self.norm_by_targets:
                 b["norm_count"] = norm
             if self.needs_negatives and m.shared_negatives:
