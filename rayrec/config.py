@@ -58,7 +58,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    block: Literal["sasrec", "ligr"] = "sasrec"
+    block: Literal["sasrec", "ligr", "hstu"] = "sasrec"
     attention: Literal["causal", "bidirectional", "time_interval"] = "causal"
     residual: Literal["plain", "mhc"] = "plain"
     user: Literal["none", "ssept"] = "none"
@@ -76,6 +76,10 @@ class ModelConfig:
     gbce_t: float = 0.75  # gbce calibration: 0 = BCE, 1 = fully calibrated (gSASRec's default 0.75)
     max_rating: float = 5.0  # soft_bce: label = rating / max_rating
     time_span: int = 256  # time_interval: intervals (in units of the user's smallest gap) are clipped here
+    hstu_rel_bias: Literal["position_time", "position", "none"] = "position_time"  # hstu: relative attention bias
+    # scores: dot product, or cosine (h and item embeddings L2-normalised; training logits / temperature)
+    similarity: Literal["dot", "cosine"] = "dot"
+    temperature: float = 0.05  # cosine: training logits are cos / temperature (HSTU's ML-1M setting)
     mhc_streams: int = 4  # mhc: residual streams (expansion rate n)
     mhc_sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations projecting H_res to doubly stochastic
     user_dim: int = 0  # ssept: width of the user embedding (item embeddings get hidden - user_dim)
@@ -391,6 +395,21 @@ def validate(cfg: Config) -> Config:
         (0.0 <= m.gbce_t <= 1.0, f"model.gbce_t must be in [0, 1], got {m.gbce_t}"),
         (m.max_rating > 0, "model.max_rating must be > 0"),
         (m.time_span >= 1, "model.time_span must be >= 1"),
+        (m.block != "hstu" or m.attention != "time_interval",
+         "model.block=hstu attends pointwise with its own relative bias over positions and time "
+         "(model.hstu_rel_bias); it has no time_interval form: set model.attention=causal"),
+        (m.block != "hstu" or m.head != "masked_diffusion" or m.hstu_rel_bias != "position_time",
+         "model.head=masked_diffusion scores from an appended mask token that has no timestamp, so HSTU's time "
+         "bias cannot be read there: set model.hstu_rel_bias=position (or none)"),
+        (m.temperature > 0, f"model.temperature must be > 0, got {m.temperature}"),
+        (m.similarity == "cosine" or m.temperature == ModelConfig.temperature,
+         f"model.temperature={m.temperature} only acts with model.similarity=cosine; set that or drop the temperature"),
+        (m.similarity == "dot" or m.user == "none",
+         "model.similarity=cosine normalises the item part of the hidden state, which SSE-PT's user score offset "
+         "would bypass: use model.similarity=dot with model.user=ssept"),
+        (m.similarity == "dot" or not cfg.quant.scoring,
+         "quant.scoring quantizes the raw item table for INT8 scoring; model.similarity=cosine scores against "
+         "the normalised table: set quant.scoring=false (or model.similarity=dot)"),
         (m.mhc_streams >= 1 and m.mhc_sinkhorn_iters >= 1, "model.mhc_streams and mhc_sinkhorn_iters must be >= 1"),
         (0 <= m.user_dim < m.hidden, f"model.user_dim must be in [0, hidden={m.hidden}), got {m.user_dim}"),
         (0.0 <= m.sse_user_prob <= 1.0 and 0.0 <= m.sse_item_prob <= 1.0, "model.sse_*_prob must be in [0, 1]"),

@@ -23,6 +23,9 @@ class AttnContext:
     intervals: torch.Tensor | None = None  # (B, T, T) long, time_interval only
     bias: torch.Tensor | None = None  # (B, 1, T, T) additive 0 / -inf form of mask, built once per batch
     queries: int = 0  # > 0: only the last `queries` positions query (keys and values stay all T)
+    timestamps: torch.Tensor | None = None  # (B, T) int, for layers that read time themselves (hstu)
+    time_buckets: torch.Tensor | None = None  # (B, T, T) long, hstu: built by its first layer, shared
+    visibility: torch.Tensor | None = None  # (B, T, T) float 0 / -1e4 form of mask for hstu, built once per batch
 
     def last_rows(self, k: int) -> "AttnContext":
         """The context for a stream cut to its last k positions (after the final attention)."""
@@ -109,7 +112,7 @@ class AttentionKind:
 
 def _masked_context(mask_fn):
     def build(items, timestamps, cfg) -> AttnContext:
-        return AttnContext(mask=mask_fn(items), keep=_keep(items))
+        return AttnContext(mask=mask_fn(items), keep=_keep(items), timestamps=timestamps)
 
     return build
 

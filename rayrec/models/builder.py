@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from rayrec.config import ConfigError, ModelConfig
 from rayrec.models.attention import ATTENTIONS
-from rayrec.models.blocks import BLOCKS
+from rayrec.models.blocks import BLOCKS as _LAYER_BLOCKS
 from rayrec.models.heads import HEADS
+from rayrec.models.hstu import hstu_block
 from rayrec.models.residual import RESIDUALS
 from rayrec.models.seqrec import SeqRec
 from rayrec.models.users import USERS
 
+BLOCKS = {**_LAYER_BLOCKS, "hstu": hstu_block}
 AXES = {
     "block": BLOCKS,
     "attention": ATTENTIONS,

@@ -61,6 +61,7 @@ def score_in_chunks(score, items: torch.Tensor, timestamps, users, width: int):
 # the chunked evaluation and the chunked top-k then see the very same floats whatever their chunk
 # size, and a catalogue up to this size is one matmul, as it always was.
 SCORE_TILE = 32768
+L2_EPS = 1e-6  # model.similarity=cosine: the authors' (HSTU) l2_norm_eps
 
 
 def tile_scores(q: torch.Tensor, offset: torch.Tensor | None, emb: torch.Tensor, lo: int) -> torch.Tensor:
@@ -94,14 +95,15 @@ class SparseRows:
     yields the looked-up rows only. Whole-table access (slices, ``.T``) is not offered: a head that
     needs it scores the whole catalogue and keeps a dense table."""
 
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight
+    def __init__(self, weight: torch.Tensor, normalize: bool = False):
+        self.weight, self.normalize = weight, normalize
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor):
             raise TypeError("a row-sparse item table is looked up by index tensors only; heads that read the "
                             "whole table need train.item_grad=dense")
-        return F.embedding(ids, self.weight, sparse=True)  # (*ids.shape, D)
+        rows = F.embedding(ids, self.weight, sparse=True)  # (*ids.shape, D)
+        return F.normalize(rows, dim=-1, eps=L2_EPS) if self.normalize else rows
 
 
 class SeqRec(nn.Module):
@@ -158,8 +160,17 @@ class SeqRec(nn.Module):
         return self.norm(self.residual.reduce(x)) * ctx.keep  # (B, T, D) or (B, last, D)
 
     def output_embeddings(self) -> torch.Tensor:
-        """Item embeddings used for scoring (tied with the input table): (N+1, Di), row 0 = padding."""
-        return self.item_emb.weight[: self.num_items + 1]
+        """Item embeddings used for scoring (tied with the input table): (N+1, Di), row 0 = padding;
+        unit rows with ``model.similarity=cosine`` (the padding row stays 0)."""
+        emb = self.item_emb.weight[: self.num_items + 1]
+        return F.normalize(emb, dim=-1, eps=L2_EPS) if self.cfg.similarity == "cosine" else emb
+
+    def query(self, h_item: torch.Tensor) -> torch.Tensor:
+        """What scores the items: ``h_item`` itself, or with ``model.similarity=cosine`` its unit vector over
+        the temperature, so a score is cos / temperature (HSTU's training logit; the ranking is the cosine's)."""
+        if self.cfg.similarity == "cosine":
+            return F.normalize(h_item, dim=-1, eps=L2_EPS) / self.cfg.temperature
+        return h_item
 
     def forward(self, batch: dict[str, torch.Tensor]):
         """Training objective: (loss_sum, count) over non-padding targets."""
@@ -168,8 +179,9 @@ class SeqRec(nn.Module):
         users = batch.get("user_idx")
         h = self.encode(batch["items"], batch.get("timestamps"), users)  # (B, T, D)
         h_item, offset = self.user.split(h, users)
-        table = SparseRows(self.item_emb.weight) if self.item_emb.sparse else self.output_embeddings()
-        return self.head(h_item, table, batch, offset)
+        cosine = self.cfg.similarity == "cosine"
+        table = SparseRows(self.item_emb.weight, cosine) if self.item_emb.sparse else self.output_embeddings()
+        return self.head(self.query(h_item), table, batch, offset)
 
     @torch.no_grad()
     def score_last(self, items: torch.Tensor, timestamps: torch.Tensor | None = None,
@@ -191,4 +203,4 @@ class SeqRec(nn.Module):
             items, timestamps = self.head.query(items), None
         h = self.encode(items, timestamps, users, last=1)  # (B, 1, D): histories are left-padded
         h_item, offset = self.user.split(h, users)  # (B, 1, Di), (B, 1) or None
-        return h_item[:, 0], (None if offset is None else offset[:, 0])
+        return self.query(h_item[:, 0]), (None if offset is None else offset[:, 0])

@@ -144,7 +144,7 @@ class Int8Model(nn.Module):
         if self.scorer is not None:
             scores = self.scorer(h_item[:, 0])  # (B, N+1), int8 x int8
         else:
-            scores = h_item[:, 0] @ m.output_embeddings().T
+            scores = m.query(h_item[:, 0]) @ m.output_embeddings().T  # model.similarity: dot or cosine
         if offset is not None:
             scores = scores + offset
         scores[:, 0] = float("-inf")
