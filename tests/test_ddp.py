@@ -24,20 +24,22 @@ def batch():
         items[r, : r + (3 if r < 4 else 0)] = 0
         targets[r, : r + (3 if r < 4 else 0)] = 0
     negatives = torch.randint(1, N + 1, (8, 10, 2), generator=g)
-    return {"items": items, "targets": targets, "negatives": negatives}
+    timestamps = torch.cumsum(torch.randint(0, 5000, (8, 10), generator=g), 1) * (items != 0)
+    return {"items": items, "targets": targets, "negatives": negatives, "timestamps": timestamps}
 
 
-def cfg(head, item_grad):
+def cfg(head, item_grad, extra=()):
     # the row-sparse table refuses a whole-table L2 penalty
     l2 = "train.l2_emb=0.001" if item_grad == "dense" else "train.l2_emb=0"
     return load_config(None, [f"model.head={head}", "model.dropout=0", "model.hidden=16", "model.max_len=10",
                               "model.num_heads=2", "model.num_negatives=2", "train.weight_decay=0.1", l2,
-                              f"train.item_grad={item_grad}"])
+                              f"train.item_grad={item_grad}", *extra])
 
 
 def step(rank, world, head, out):
-    head, item_grad = head.split(":")
-    c = cfg(head, item_grad)
+    """``head`` is "<head>:<item_grad>[:<override>,<override>...]" (a string: it crosses the spawn)."""
+    head, item_grad, *extra = head.split(":")
+    c = cfg(head, item_grad, extra[0].split(",") if extra else ())
     torch.manual_seed(0)
     model = build_model(c.model, N)
     model.item_emb.sparse = use_sparse_items(c, N)
