@@ -34,7 +34,7 @@ DATASETS = {
                "data.source.path=../shared/data/s3rec/Beauty.txt.gz", "model.dropout=0.5",
                "train.epochs=60", "train.eval_every=2", "train.patience=5", "train.bucket_by_length=true"],
 }
-ML1M = ["sasrec", "sasrec_ce", "gsasrec", "esasrec", "tisasrec", "sasrec_mhc", "sasrec_wide", "tisasrec_mhc", "ssept"]
+ML1M = ["sasrec", "sasrec_ce", "gsasrec", "esasrec", "tisasrec", "sasrec_mhc", "sasrec_wide", "tisasrec_mhc", "ssept", "hstu"]
 # Beauty's files carry item order only (timestamps are synthesized one apart), so every time
 # interval is equal and the time_interval variants would measure nothing: they are not run there.
 BEAUTY = ["sasrec", "sasrec_ce", "gsasrec", "esasrec", "sasrec_mhc", "sasrec_wide", "ssept"]
