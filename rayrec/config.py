@@ -70,7 +70,9 @@ class ModelConfig:
     dropout: float = 0.2
     norm_first: bool = True  # Pre-LN; False = Post-LN as in the original Transformer
     emb_init_std: float = 0.0  # item and position embeddings at init; 0 = by head (models/seqrec.py)
-    num_negatives: int = 1  # bce/gbce/sampled_softmax/soft_bce: sampled negatives per positive (or per batch, shared)
+    # bce/gbce/sampled_softmax/soft_bce: sampled negatives per positive (or per batch, shared): a count >= 1,
+    # or a share of the catalogue in (0, 1) that follows the data (negatives_for: 0.34 of 12,101 items = 4096)
+    num_negatives: float = 1
     neg_sampler: Literal["uniform", "popularity"] = "uniform"  # popularity: ∝ training count, with log-Q correction
     shared_negatives: bool = False  # sampled_softmax: one set of k negatives for the whole batch
     gbce_t: float = 0.75  # gbce calibration: 0 = BCE, 1 = fully calibrated (gSASRec's default 0.75)
@@ -359,6 +361,13 @@ def _merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+def negatives_for(m: ModelConfig, num_items: int) -> int:
+    """Sampled negatives per positive (or per batch) on a catalogue of ``num_items``: ``model.num_negatives``
+    itself when it is a count, ``round(share x items)`` (at least 1) when it is a share in (0, 1)."""
+    k = m.num_negatives
+    return int(k) if k >= 1 else max(1, round(k * num_items))
+
+
 LOOKUP_HEADS = ("bce", "gbce", "sampled_softmax", "mse", "soft_bce")  # heads that look item rows up
 
 
@@ -391,7 +400,9 @@ def validate(cfg: Config) -> Config:
         (m.hidden % m.num_heads == 0, f"model.hidden ({m.hidden}) must be divisible by model.num_heads ({m.num_heads})"),
         (0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}"),
         (m.emb_init_std >= 0, f"model.emb_init_std must be >= 0 (0 = chosen by head), got {m.emb_init_std}"),
-        (m.num_negatives >= 1, "model.num_negatives must be >= 1"),
+        ((m.num_negatives >= 1 and float(m.num_negatives).is_integer()) or 0 < m.num_negatives < 1,
+         f"model.num_negatives must be a whole count >= 1 (e.g. 1024) or a share of the catalogue in (0, 1) "
+         f"(e.g. 0.34 = a third of the items), got {m.num_negatives}"),
         (0.0 <= m.gbce_t <= 1.0, f"model.gbce_t must be in [0, 1], got {m.gbce_t}"),
         (m.max_rating > 0, "model.max_rating must be > 0"),
         (m.time_span >= 1, "model.time_span must be >= 1"),

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rayrec.config import negatives_for
 from rayrec.models.diffusion import MaskedDiffusionHead
 from rayrec.models.softmax_ce import shared_sampled_softmax_sum, softmax_ce_sum
 
@@ -42,9 +43,9 @@ class BCEHead(nn.Module):
     needs_negatives = True
     needs_ratings = False
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, num_items: int):
         super().__init__()
-        self.k = cfg.num_negatives
+        self.k = negatives_for(cfg, num_items)
 
     def forward(self, h, emb, batch, offset=None):
         pos, neg, real, valid = _pos_neg_scores(h, emb, batch, offset)
@@ -66,7 +67,7 @@ class GBCEHead(nn.Module):
 
     def __init__(self, cfg, num_items: int):
         super().__init__()
-        alpha = cfg.num_negatives / max(1, num_items - 1)
+        alpha = negatives_for(cfg, num_items) / max(1, num_items - 1)
         # alpha * (t * (1 - 1/alpha) + 1/alpha), written so that t = 0 gives exactly 1
         self.beta = 1.0 - cfg.gbce_t * (1.0 - alpha)
 
@@ -151,9 +152,9 @@ class SoftLabelBCEHead(nn.Module):
     needs_negatives = True
     needs_ratings = True
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, num_items: int):
         super().__init__()
-        self.k, self.max_rating = cfg.num_negatives, cfg.max_rating
+        self.k, self.max_rating = negatives_for(cfg, num_items), cfg.max_rating
 
     def forward(self, h, emb, batch, offset=None):
         pos, neg, real, valid = _pos_neg_scores(h, emb, batch, offset)
@@ -164,11 +165,11 @@ class SoftLabelBCEHead(nn.Module):
 
 
 HEADS = {
-    "bce": lambda cfg, n: BCEHead(cfg),
+    "bce": BCEHead,
     "gbce": GBCEHead,
     "sampled_softmax": lambda cfg, n: SampledSoftmaxHead(cfg),
     "ce": lambda cfg, n: SoftmaxCEHead(),
     "mse": lambda cfg, n: RatingMSEHead(),
-    "soft_bce": lambda cfg, n: SoftLabelBCEHead(cfg),
+    "soft_bce": SoftLabelBCEHead,
     "masked_diffusion": MaskedDiffusionHead,
 }

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rayrec.config import Config, config_from_dict
+from rayrec.config import Config, config_from_dict, negatives_for
 from rayrec.data.batches import SequenceStore, random_ends, sample_negatives, shared_allowed, train_batch
 from rayrec.eval.baselines import MostPopular
 from rayrec.eval.evaluate import evaluate
@@ -105,6 +105,7 @@ class EpochBatches:
         self.store, self.forbidden, self.users, self.cfg = store, forbidden, users, cfg
         self.rank, self.per_rank, self.steps = rank, per_rank, steps
         self.needs_negatives, self.needs_ratings = head.needs_negatives, head.needs_ratings
+        self.k = negatives_for(cfg.model, store.num_items)  # model.num_negatives: a count or a share of the items
         self.norm_by_targets = not hasattr(head, "corrupt")  # masked-item heads normalise per sequence
         if self.needs_ratings and store.ratings is None:
             raise ValueError(f"model.head={cfg.model.head} regresses ratings, but the interaction log has no "
@@ -132,12 +133,12 @@ class EpochBatches:
             if norm is not None and self.norm_by_targets:
                 b["norm_count"] = norm
             if self.needs_negatives and m.shared_negatives:
-                negs = sample_negatives(rng, None, None, self.store.num_items, (m.num_negatives,), probs=self.probs)
+                negs = sample_negatives(rng, None, None, self.store.num_items, (self.k,), probs=self.probs)
                 b["shared_negatives"] = negs
                 b["shared_allowed"] = shared_allowed(rows, negs, self.forbidden, self.store.num_items)  # (B, k)
             elif self.needs_negatives:
                 b["negatives"] = sample_negatives(rng, rows, self.forbidden, self.store.num_items,
-                                                  b["targets"].shape + (m.num_negatives,), probs=self.probs)
+                                                  b["targets"].shape + (self.k,), probs=self.probs)
             if self.log_q is not None:
                 b["log_q"] = self.log_q
             yield b
