@@ -94,6 +94,7 @@ class ModelConfig:
     diffusion_schedule: Literal["uniform", "fixed"] = "uniform"
     diffusion_mask_prob: float = 0.2
     diffusion_last_prob: float = 0.0  # pre-training: share of sequences with only the final position(s) masked
+    diffusion_last_positions: int = 1  # those sequences mask their final m ~ U{1..this} positions (> 1: next items)
 
 
 @dataclass
@@ -437,6 +438,8 @@ def validate(cfg: Config) -> Config:
         (0.0 < m.diffusion_eps < 1.0, f"model.diffusion_eps must be in (0, 1), got {m.diffusion_eps}"),
         (0.0 < m.diffusion_mask_prob <= 1.0, f"model.diffusion_mask_prob must be in (0, 1], got {m.diffusion_mask_prob}"),
         (0.0 <= m.diffusion_last_prob <= 1.0, f"model.diffusion_last_prob must be in [0, 1], got {m.diffusion_last_prob}"),
+        (1 <= m.diffusion_last_positions < m.max_len,
+         f"model.diffusion_last_positions must be in [1, max_len={m.max_len}), got {m.diffusion_last_positions}"),
         (1 <= m.diffusion_sft_positions < m.max_len,
          f"model.diffusion_sft_positions must be in [1, max_len={m.max_len}), got {m.diffusion_sft_positions}"),
         (t.stage == "pretrain" or m.head == "masked_diffusion",

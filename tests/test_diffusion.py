@@ -69,6 +69,10 @@ def test_fixed_schedule_and_final_position_rows():
     last = c["diffusion_weight"] == 1  # random rows weigh 1 / (0.2 * 9)
     assert abs(last.float().mean().item() - 0.4) < 0.03
     assert torch.equal(c["diffusion_mask"][last], final_mask(c["diffusion_targets"], 1)[last])  # only the final position
+    h = model("model.diffusion_last_prob=1", "model.diffusion_last_positions=4").head
+    mask = h.corrupt(b)["diffusion_mask"]  # every row: its final m ~ U{1..4} positions, a suffix
+    m = mask.sum(1)
+    assert set(m.tolist()) == {1, 2, 3, 4} and all(mask[r, T - m[r]:].all() for r in range(0, 4000, 97))
 
 
 def test_random_window_ends_stay_inside_the_training_prefix():

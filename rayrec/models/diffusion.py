@@ -12,7 +12,8 @@ training window from (inputs, targets) and corrupts it itself (``corrupt``, call
   ``diffusion_schedule: fixed`` masks every position with the fixed probability
   ``diffusion_mask_prob`` (BERT4Rec's masked-item objective; the same estimator at a constant t), and
   ``diffusion_last_prob`` of the sequences are masked at their final position(s) only: the next-item
-  query inside pre-training.
+  query inside pre-training (``diffusion_last_positions`` > 1: the final m ~ U{1..it} positions, the
+  next items after a history, as multi-step inference asks).
 - SFT (``train.stage: sft``): only the final ``diffusion_sft_positions`` positions are masked: the
   next-item objective, in exactly the form single-step inference queries.
 - Single-step inference (``query``, used by ``SeqRec.score_last`` and so by the shared evaluation
@@ -67,6 +68,7 @@ class MaskedDiffusionHead(nn.Module):
         super().__init__()
         self.eps, self.sft_positions = cfg.diffusion_eps, cfg.diffusion_sft_positions
         self.schedule, self.mask_prob, self.last_prob = cfg.diffusion_schedule, cfg.diffusion_mask_prob, cfg.diffusion_last_prob
+        self.last_positions = cfg.diffusion_last_positions
         self.mask_token = num_items + 1
         self.stage = "pretrain"  # the training loop sets this from train.stage (a training, not model, setting)
 
@@ -83,6 +85,11 @@ class MaskedDiffusionHead(nn.Module):
             if self.last_prob > 0:  # a share of rows asks the next-item query instead
                 last = torch.rand(seq.shape[0], device=seq.device) < self.last_prob  # (B,)
                 final = final_mask(seq, self.sft_positions)
+                if self.last_positions > 1:  # the final 1..last_positions positions: the next items after a history
+                    m = torch.randint(1, self.last_positions + 1, (seq.shape[0], 1), device=seq.device)  # (B, 1)
+                    T, length = seq.shape[1], (seq != 0).sum(1, keepdim=True)  # (B, 1)
+                    pos = torch.arange(T, device=seq.device)[None, :]
+                    final = (pos >= T - torch.minimum(m, (length - 1).clamp(min=1))) & (seq != 0)  # keeps a history item
                 mask = torch.where(last[:, None], final, mask)
                 row_weight = torch.where(last, 1.0 / final.sum(1).clamp(min=1), row_weight)
         out = {k: v for k, v in batch.items() if k != "timestamps"}  # bidirectional attention reads no times

@@ -19,7 +19,7 @@ from rayrec.train import checkpoint as ckpt
 log = logging.getLogger("rayrec.train")
 # model settings that may differ between stages: they change no weight's shape or meaning
 FREE_MODEL_KEYS = {"dropout", "diffusion_eps", "diffusion_sft_positions", "diffusion_schedule", "diffusion_mask_prob",
-                   "diffusion_last_prob"}
+                   "diffusion_last_prob", "diffusion_last_positions"}
 
 
 def check_init_from(cfg: Config) -> None:
