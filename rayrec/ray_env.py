@@ -50,12 +50,19 @@ def start_local_ray(**kwargs) -> str:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    port = _free_port()
+    port = free_port()
     address = f"{ray.util.get_node_ip_address()}:{port}"
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "RAY_ADDRESS": address}
-    if not kwargs.get("include_dashboard", True) and "worker_process_setup_hook" not in runtime_env:
-        runtime_env["worker_process_setup_hook"] = quiet_pg_cleaner
+    if not kwargs.get("include_dashboard", True):
+        runtime_env.setdefault("worker_process_setup_hook", quiet_local_workers)
+        # Without a dashboard Ray still records 127.0.0.1:8265 as this cluster's API server, and Train's
+        # placement-group cleaner asks whatever listens there whether this run's controller lives: with
+        # another Ray's dashboard on the machine (a sweep) it hears "no such actor" and removes the
+        # run's placement group, which kills the run (or, when that happens before the controller
+        # registers, "Failed to register placement group with cleaner"). A port where nothing listens
+        # makes its queries fail instead, and it keeps waiting (quiet_local_workers drops the warnings).
+        kwargs.setdefault("dashboard_port", free_port())
     before = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the head node Ray starts in this process
     try:
@@ -68,26 +75,39 @@ def start_local_ray(**kwargs) -> str:
     return address
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return s.getsockname()[1]
 
 
-class _NoStateApiNoise:
-    """Drops the placement-group cleaner's "State API unavailable" warning (logging filter)."""
+class _Drop:
+    """Drops log records whose message holds ``text`` (logging filter)."""
+
+    def __init__(self, text: str):
+        self.text = text
 
     def filter(self, record) -> bool:
-        return "Failed to query Ray Train Controller actor state" not in record.getMessage()
+        return self.text not in record.getMessage()
 
 
-def quiet_pg_cleaner() -> None:
-    """Worker set-up hook for a local Ray without the dashboard.
+LOCAL_NOISE = {  # logger -> message that means nothing on a local Ray without dashboard or autoscaler
+    # the placement-group cleaner asks the State API, which the dashboard serves, whether the
+    # controller is alive: once a second for the whole run; a local run's placement groups go with
+    # the driver anyway
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner":
+        "Failed to query Ray Train Controller actor state",
+    # the controller asks an autoscaling coordinator for its workers' resources and waits 5 s for the
+    # reply: on a busy machine the coordinator's process takes longer to start, and 18 lines of
+    # traceback say it is "safe to ignore"; no autoscaler reads the request here
+    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client":
+        "Failed to send resource request",
+}
 
-    Ray Train's placement-group cleaner asks the State API, which the dashboard serves, whether the
-    controller is alive; with no dashboard it warns once a second for the whole run. A local run's
-    placement groups go with the driver anyway, so the warning is only noise.
-    """
+
+def quiet_local_workers() -> None:
+    """Worker set-up hook for a local Ray without the dashboard: drops ``LOCAL_NOISE``."""
     import logging
 
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(_NoStateApiNoise())
+    for name, text in LOCAL_NOISE.items():
+        logging.getLogger(name).addFilter(_Drop(text))

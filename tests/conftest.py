@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from rayrec.ray_env import set_env
+from rayrec.ray_env import free_port, set_env
 
 set_env()
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -15,7 +15,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=1 << 30, log_to_driver=False, include_dashboard=False)
+    # a private dashboard port, as start_local_ray gives: Ray records 8265 otherwise, and Train's placement-group
+    # cleaner would ask another Ray's dashboard there whether our controllers live (rayrec/ray_env.py)
+    ray.init(num_cpus=2, object_store_memory=1 << 30, log_to_driver=False, include_dashboard=False,
+             dashboard_port=free_port())
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
