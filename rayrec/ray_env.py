@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
+import sys
 
 DEFAULTS = {
     "RAY_TRAIN_V2_ENABLED": "1",
@@ -17,9 +19,53 @@ DEFAULTS = {
 }
 
 
+VERBOSE_ENV = "RAYREC_VERBOSE"  # =1: Ray's own per-report, per-checkpoint and per-dataset lines come back
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_env() -> dict[str, str]:
+    """Settings for every Ray process of a run that keep its output to one line per epoch; none when
+    ``RAYREC_VERBOSE=1``. An explicit setting in the environment wins over these.
+
+    - ``RAY_DATA_LOG_LEVEL=WARNING``: Ray Data's INFO lines (an execution plan, a "finished in" line
+      and logged progress for every dataset a driver or Train worker runs) stay off the console and
+      out of its session log ``ray-data.log``; warnings and errors still show.
+    - ``PYTHONWARNINGS=ignore::DeprecationWarning``: deprecations that Ray's own code triggers in
+      Ray's processes (Ray Train's data config sets ``ExecutionOptions.exclude_resources``), which
+      no rayrec user can act on.
+    """
+    if verbose():
+        return {}
+    return {"RAY_DATA_LOG_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+
+
 def set_env() -> None:
-    for k, v in DEFAULTS.items():
+    """Before Ray starts (its processes inherit this process's environment): DEFAULTS, ``quiet_env()``,
+    and, when stdout is not a terminal, worker log prefixes without colour codes (``RAY_COLOR_PREFIX=0``,
+    read by this driver when it prints its workers' lines)."""
+    for k, v in {**DEFAULTS, **quiet_env()}.items():
         os.environ.setdefault(k, v)
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
+def worker_env() -> dict[str, str]:
+    """What a driver joining an existing cluster (``ray job submit``) hands its workers through the
+    job's ``runtime_env``: the quiet settings and the verbosity switch, except keys the job's own
+    runtime_env already sets (Ray refuses to merge a key given twice)."""
+    import json
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    taken = set(((job.get("runtime_env") or {}).get("env_vars") or {}))
+    env = {k: os.environ.get(k, v) for k, v in quiet_env().items()}
+    if verbose():
+        env[VERBOSE_ENV] = os.environ[VERBOSE_ENV]
+    return {k: v for k, v in env.items() if k not in taken}
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs) -> None:
@@ -30,8 +76,15 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs) 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if not sys.stdout.isatty():
+        import logging
+
+        logging.getLogger("ray._private.worker").addFilter(_PlainText())  # its connect message colours a URL
     if address:
-        ray.init(address=address, **kwargs)
+        runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+        if env_vars := {**worker_env(), **runtime_env.get("env_vars", {})}:
+            runtime_env["env_vars"] = env_vars
+        ray.init(address=address, runtime_env=runtime_env or None, **kwargs)
     else:
         start_local_ray(num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
@@ -81,6 +134,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class _PlainText:
+    """Strips terminal colour codes from a log record (logging filter)."""
+
+    ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+    def filter(self, record) -> bool:
+        record.msg, record.args = self.ANSI.sub("", record.getMessage()), None
+        return True
+
+
 class _Drop:
     """Drops log records whose message holds ``text`` (logging filter)."""
 
@@ -111,3 +174,37 @@ def quiet_local_workers() -> None:
 
     for name, text in LOCAL_NOISE.items():
         logging.getLogger(name).addFilter(_Drop(text))
+
+
+def quiet_train_worker() -> None:
+    """In a Ray Train worker, before its first report: Ray Train logs every ``ray.train.report`` of
+    every rank at INFO ("Reporting training result N: TrainingReport(...)", every metric, up to 1,300
+    characters) on a logger named after its source file, which ``LoggingConfig`` does not reach.
+    Off unless RAYREC_VERBOSE=1."""
+    import logging
+
+    if verbose():
+        return
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def train_logging_config():
+    """Ray Train's own INFO lines (worker-group start, "Checkpoint successfully created" per
+    checkpoint) only with RAYREC_VERBOSE=1; its warnings and errors always."""
+    from ray.train import LoggingConfig
+
+    return LoggingConfig(log_level="INFO" if verbose() else "WARNING")
+
+
+def progress_bars_on_a_terminal() -> None:
+    """Ray Data progress bars only when this process's stdout is a terminal. Train workers run their
+    dataset shards with distributed tqdm bars that the driver redraws with carriage returns and
+    cursor-up codes whatever its output is: in a file or ``ray job logs`` every epoch line then lands
+    inside a bar that is re-printed every few seconds. Set before the trainer is built: Ray Train
+    hands this DataContext to its workers, which then log progress (at INFO, see ``quiet_env``)."""
+    from ray.data import DataContext
+
+    if not sys.stdout.isatty():
+        DataContext.get_current().use_ray_tqdm = False

@@ -12,7 +12,7 @@ from typing import Any
 
 from rayrec.config import Config, ConfigError
 from rayrec.data.sequences import SequenceData, build_sequences
-from rayrec.ray_env import init_ray
+from rayrec.ray_env import init_ray, progress_bars_on_a_terminal, train_logging_config
 from rayrec.train import checkpoint as ckpt
 from rayrec.train import faults
 from rayrec.train.loop import train_loop
@@ -97,6 +97,7 @@ def trainer_for(cfg: Config, data: SequenceData, callbacks: list | None = None):
 
     s = cfg.scale
     backend = s.backend if s.backend != "auto" else ("nccl" if s.use_gpu else "gloo")
+    progress_bars_on_a_terminal()  # before the dataset (it keeps a copy of the DataContext) and the trainer
     ds = sequences_dataset(data.sequences_path)
     storage = s.storage_path or str(cfg.run_dir.parent)
     return TorchTrainer(
@@ -119,6 +120,7 @@ def trainer_for(cfg: Config, data: SequenceData, callbacks: list | None = None):
             # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s): bound that, unless an autoscaler is expected
             failure_config=FailureConfig(max_failures=s.max_failures, controller_failure_limit=capacity_retries()),
             checkpoint_config=CheckpointConfig(num_to_keep=3),
+            logging_config=train_logging_config(),  # per-checkpoint INFO lines: RAYREC_VERBOSE=1
         ),
     )
 

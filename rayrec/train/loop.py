@@ -27,6 +27,7 @@ from rayrec.models import build_model
 from rayrec.quant import init_from_float, prepare, quant_penalty
 from rayrec.train import checkpoint as ckpt
 from rayrec.train import faults
+from rayrec.train.console import EpochClock, epoch_line
 from rayrec.train.optim import clip_grad_norm, make_optimizer, use_sparse_items
 from rayrec.train.stages import init_weights
 from rayrec.train.tb import TBLogger, check_scalars
@@ -217,7 +218,10 @@ def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker entry point. ``config``: {"cfg": Config dict, "num_items": N, "num_users": U}."""
     import ray.train
 
+    from rayrec.ray_env import quiet_train_worker
+
     entered = time.time()
+    quiet_train_worker()  # Ray Train's per-report TrainingReport line: RAYREC_VERBOSE=1 only
     cfg = config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -334,6 +338,7 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
     tb = TBLogger(cfg.run_dir / "tensorboard" if rank == 0 else None, state["global_step"])
     metric = cfg.eval.metric
     last_val: dict[str, float] = {}
+    clock = EpochClock(state["epoch"], cfg.train.epochs)
     try:
         for epoch in range(state["epoch"], cfg.train.epochs):
             torch.manual_seed(cfg.train.seed * 1_000_003 + epoch * 101 + rank)  # dropout: resumable, per rank
@@ -374,8 +379,7 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
                     log.info("early stop at epoch %d: no %s gain for %d evaluations", epoch + 1, metric, cfg.train.patience)
             tb.scalars({k: v for k, v in metrics.items() if k not in ("epoch", "first_step_unix")}, state["global_step"], prefix="epoch/")
             if rank == 0:
-                log.info("epoch %d/%d loss %.4f %.1f seq/s %s", epoch + 1, cfg.train.epochs, metrics["train_loss"],
-                         metrics["seq_per_s"], {k: round(v, 4) for k, v in last_val.items() if k == metric})
+                log.info(epoch_line(metrics, cfg.train.epochs, metric, 0.0 if done else clock.eta_s(epoch + 1)))
             tb.flush()
             state["history"].append({**metrics, "call": call})  # (a resumed older checkpoint keeps the [] above)
             _report_with_checkpoint(report, rank, metrics, model.state_dict(), best_state, optimizer, scheduler, state, cfg)
