@@ -97,6 +97,9 @@ def cmd_tune(a) -> None:
         res = run_sweep(load_config(a.config, a.overrides))
     print(f"\n{res.leaderboard}\n\nexperiment: {res.exp_dir}\nresults:    {res.exp_dir / 'results.csv'}"
           f"\nbest:       {res.best_config}\nTensorBoard: tensorboard --logdir {res.exp_dir / 'runs'}")
+    if res.unfinished:  # Ctrl-C: interim results; exit 130 as an interrupted command does
+        print(f"\ninterrupted: {len(res.unfinished)} trial(s) unfinished; continue the sweep with:\n  {res.resume_hint}")
+        raise SystemExit(130)
 
 
 def _checkpoint_target(a, key: str) -> tuple[str, list[str]]:

@@ -183,9 +183,19 @@ def asha_sweep(ray_cluster, synthetic_log, tmp_path_factory):
     return tmp / "out" / "asha_tune", proc.stdout, time.perf_counter() - t0
 
 
+def strict_json(path: Path):
+    def refuse(name):
+        raise ValueError(f"{path} holds a bare {name}: not strict JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def test_asha_sweep_finishes_and_stops_a_trial_early(asha_sweep):
     exp, stdout, _ = asha_sweep
     table = pd.read_parquet(exp / "results.parquet")
+    summary = strict_json(exp / "summary.json")  # stopped trials' NaN test metrics are null, not NaN
+    assert summary["complete"] and summary["resume"] is None and summary["best"]["trial"] == table.iloc[0]["trial"]
+    assert set(summary["by_status"]) <= {"completed", "stopped"}
     assert len(table) == 4 and set(table["config/train.lr"]) == {0.01, 0.00001, 0.003, 0.0001}
     assert (table["config/model.dropout"] == 0.15).all()  # a fixed key reaches every trial
     assert (table["status"] == "stopped").sum() >= 1, table[["trial", "status", "epochs"]]
@@ -204,7 +214,9 @@ def test_asha_sweep_finishes_and_stops_a_trial_early(asha_sweep):
     assert "best_val_ndcg_10" in stdout and all(t in stdout for t in table["trial"])
 
 
-def test_every_trial_has_tensorboard_scalars_and_hparams(asha_sweep):
+def test_every_trial_has_tensorboard_scalars_and_one_hparams_session(asha_sweep):
+    from rayrec.train.tb import hparams_sessions
+
     exp, _, _ = asha_sweep
     trials = sorted(p.name for p in exp.glob("trial_*"))
     assert trials == [f"trial_{i:05d}" for i in range(4)]  # deterministic names, no timestamps
@@ -212,7 +224,23 @@ def test_every_trial_has_tensorboard_scalars_and_hparams(asha_sweep):
         scalars, hparams = tb_content(exp / "runs" / t / "tensorboard")
         assert "epoch/val_ndcg_10" in scalars, (t, scalars)
         assert "_hparams_/session_start_info" in hparams, (t, hparams)
-        assert b"train.lr" in hparams["_hparams_/session_start_info"]
+        assert not (exp / "runs" / t / "tensorboard" / "hparams").exists()  # no second "hparams" run
+    table = pd.read_parquet(exp / "results.parquet").set_index("trial")
+    # what TensorBoard's HParams dashboard lists, read through its own plugin: one session per trial,
+    # named by the sweep's keys, for --logdir <experiment>/runs and for the whole experiment folder
+    # (was 2 per finished trial: the run's own "hparams" sub-run with other names and no metrics,
+    # plus Tune's copy under <experiment>/trial_*)
+    for logdir in (exp / "runs", exp):
+        sessions = hparams_sessions(logdir)
+        assert len(sessions) == 4, [s["name"] for s in sessions]
+        for s in sessions:
+            trial = s["hparams"]["trial"]
+            assert s["name"].endswith(f"{trial}/tensorboard"), s["name"]
+            assert set(s["hparams"]) == {"train.lr", "model.dropout", "trial"}, s["hparams"]
+            assert s["hparams"]["train.lr"] == table.loc[trial, "config/train.lr"]
+            assert "epoch/val_ndcg_10" in s["metrics"], s["metrics"]  # stopped trials too: their last pass
+            if table.loc[trial, "status"] == "completed":
+                assert s["metrics"]["final/test_ndcg_10"] == pytest.approx(table.loc[trial, "test_ndcg_10"], rel=1e-5)
 
 
 def test_best_config_reruns_with_jobs_train(asha_sweep, tmp_path, capsys):
@@ -245,51 +273,125 @@ def _statuses(exp: Path) -> dict[str, str]:
     return out
 
 
-@pytest.mark.timeout(1200)
-def test_killed_sweep_resumes_only_unfinished_trials(synthetic_log, tmp_path):
+def _checkpoint_epochs(run: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in run.glob("checkpoint_*") if p.name.split("_")[1].isdigit())
+
+
+def _result_rows(trial: Path) -> list[dict]:
+    return [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.timeout(1500)
+def test_killed_then_interrupted_sweep_resumes_with_every_trials_whole_history(synthetic_log, tmp_path):
     # num_heads 3 does not divide hidden 32: that trial fails alone, at trial time
     cfg = write_config(tmp_path, synthetic_log, "res", {
         "max_concurrent_trials": 1, "scheduler": "none", "search_alg": "random",
         "space": {"model.num_heads": {"grid": [2, 3, 4]}},
     }, train={"epochs": 5})
     exp = tmp_path / "out" / "res_tune"
+    run = exp / "runs" / "trial_00002"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1",
            "TUNE_GLOBAL_CHECKPOINT_S": "0"}
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen([sys.executable, "jobs/tune.py", str(cfg)], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 420
+
+    def start(args, log_name, **extra_env):
+        log = open(tmp_path / log_name, "w")
+        proc = subprocess.Popen([sys.executable, "jobs/tune.py", *args], cwd=ROOT, env={**env, **extra_env},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return proc, log
+
+    def wait_for(proc, log_name, ready, what, limit=420):
+        deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
-            st = _statuses(exp)
-            running = exp / "runs" / "trial_00002"
-            if (st.get("trial_00000") == "TERMINATED" and st.get("trial_00001") == "ERROR"
-                    and running.exists() and any(running.glob("checkpoint_*"))):
-                break
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            if ready():
+                return
+            assert proc.poll() is None, (tmp_path / log_name).read_text()[-3000:]
             time.sleep(0.2)
-        else:
-            pytest.fail("the sweep did not reach its second real trial in time")
+        pytest.fail(f"the sweep did not reach {what} in time")
+
+    def stop_group(proc):
+        """SIGKILL the driver's process group and every process of its session (Ray's workers keep
+        training for seconds after the group is killed), and wait until they are gone: no checkpoint
+        of this attempt may appear after this returns."""
+        def session():
+            ps = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout.split("\n")
+            return [int(pid) for pid, sid in (line.split() for line in ps if line.strip()) if int(sid) == proc.pid]
+
+        for kill in (lambda: os.killpg(proc.pid, signal.SIGKILL), *(lambda p=p: os.kill(p, signal.SIGKILL) for p in session())):
+            try:
+                kill()
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 60
+        while (left := session()) and time.monotonic() < deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+
+    # 1. the driver and every Ray process it started die at once (SIGKILL) in the middle of trial_00002
+    proc, log = start([str(cfg)], "first.log")
+    try:
+        wait_for(proc, "first.log", lambda: (_statuses(exp).get("trial_00000") == "TERMINATED"
+                                             and _statuses(exp).get("trial_00001") == "ERROR"
+                                             and bool(_checkpoint_epochs(run))), "its second real trial")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and every Ray process it started
+        stop_group(proc)
         proc.wait(timeout=30)
         log.close()
     assert _statuses(exp).get("trial_00002") != "TERMINATED"  # it really was cut off mid-run
+    killed_at = _checkpoint_epochs(run)[-1]
+    assert killed_at <= 4, killed_at
     done_results = (exp / "trial_00000" / "result.json").read_text()
     error_file = next((exp / "trial_00001").glob("error*"))
     error_mtime = error_file.stat().st_mtime
 
-    proc2 = run_job(["jobs/tune.py", "--resume", str(exp)])
-    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    # 2. resumed, then Ctrl-C (SIGINT to the driver) while trial_00002 stalls before an epoch (test-only
+    # fault: its Train run hangs there once), so the interrupt lands mid-trial every time
+    hang_at = min(killed_at + 2, 5)  # after at least one more epoch when there is room for one
+    proc, log = start(["--resume", str(exp)], "second.log", RAYREC_FAULT=f"rank=0,epoch={hang_at},kind=hang")
+    try:
+        wait_for(proc, "second.log", lambda: hang_at - 1 in _checkpoint_epochs(run) and any(run.glob(".rayrec_fault_*")),
+                 f"the stall before epoch {hang_at}")
+        time.sleep(1)  # Tune takes the report of epoch hang_at - 1
+        os.kill(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=180)
+    finally:
+        stop_group(proc)
+        log.close()
+    out = (tmp_path / "second.log").read_text()
+    assert rc == 130, out[-3000:]
+    assert f"python jobs/tune.py --resume {exp}" in out and "Tuner.restore(" not in out, out[-3000:]
+    table = pd.read_parquet(exp / "results.parquet").set_index("trial")
+    assert table.loc["trial_00002", "status"] == "interrupted", table[["status", "epochs"]]  # not "stopped"
+    summary = strict_json(exp / "summary.json")  # the interrupted trial's NaN test metrics: null, never NaN
+    assert summary["by_status"] == {"completed": 1, "error": 1, "interrupted": 1}, summary
+    assert not summary["complete"] and summary["unfinished"] == ["trial_00002"]
+    assert summary["resume"] == f"python jobs/tune.py --resume {exp}"
+    # the interim best is a finished trial, never the interrupted one (whose test metrics do not exist)
+    assert summary["best"]["trial"] == "trial_00000" and summary["best"]["test_ndcg_10"] > 0
+    assert "Best trial trial_00000 (completed)" in (exp / "best_config.yaml").read_text()
+
+    # 3. resumed again: it finishes
+    proc3 = run_job(["jobs/tune.py", "--resume", str(exp)])
+    assert proc3.returncode == 0, proc3.stderr[-3000:]
     table = pd.read_parquet(exp / "results.parquet").set_index("trial")
     assert table.loc["trial_00000", "status"] == "completed" and table.loc["trial_00002", "status"] == "completed"
     assert table.loc["trial_00001", "status"] == "error"
     assert "divisible by model.num_heads" in table.loc["trial_00001", "error"]
+    assert table.loc["trial_00002", "epochs"] == 5
+    assert strict_json(exp / "summary.json")["complete"]
     # the finished trial was not rerun, the errored one not retried (resume_errored not asked)
     assert (exp / "trial_00000" / "result.json").read_text() == done_results
     assert error_file.stat().st_mtime == error_mtime
-    # the interrupted trial continued from its checkpoint: its Train run resumed, not restarted
-    epochs = [json.loads(line)["epoch"] for line in (exp / "trial_00002" / "result.json").read_text().splitlines()]
-    assert epochs[0] > 1 and epochs[-1] == 5, epochs
-    assert "resumed from" in (proc2.stdout + proc2.stderr)
+    # the interrupted trial continued from its checkpoints (its Train run resumed, twice) and its Tune log
+    # kept its whole history across both restores: every epoch once, then the final report
+    assert "resumed from" in (proc3.stdout + proc3.stderr)
+    rows = _result_rows(exp / "trial_00002")
+    assert [r.get("epoch") for r in rows[:-1]] == [1, 2, 3, 4, 5], [(r.get("epoch"), r.get("final")) for r in rows]
+    assert [r["training_iteration"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["final"] == 1 and rows[-1]["epochs"] == 5 and "epoch" not in rows[-1]
+    progress = pd.read_csv(exp / "trial_00002" / "progress.csv")
+    assert list(progress["training_iteration"]) == [1, 2, 3, 4, 5, 6] and progress["test_ndcg_10"].notna().iloc[-1]
     assert not any(t.startswith("trial_00003") for t in table.index)

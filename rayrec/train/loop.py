@@ -398,10 +398,10 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
         final.update({"epoch": state["epoch"], "final": 1, "train_s": time.perf_counter() - t_start,
                       "sparse_item_table": float(model.item_emb.sparse)})
         tb.scalars({k: v for k, v in final.items() if k.startswith("test_")}, state["global_step"], prefix="final/")
-        hp = {"head": cfg.model.head, "hidden": cfg.model.hidden, "num_blocks": cfg.model.num_blocks,
-              "max_len": cfg.model.max_len, "lr": cfg.train.lr, "batch_size": cfg.train.batch_size,
-              "dropout": cfg.model.dropout, "norm_first": cfg.model.norm_first}
-        tb.hparams(hp, {k: v for k, v in final.items() if k.startswith(("test_", "val_ndcg", "val_hr"))})
+        hp = {"model.head": cfg.model.head, "model.hidden": cfg.model.hidden, "model.num_blocks": cfg.model.num_blocks,
+              "model.max_len": cfg.model.max_len, "train.lr": cfg.train.lr, "train.batch_size": cfg.train.batch_size,
+              "model.dropout": cfg.model.dropout, "model.norm_first": cfg.model.norm_first}
+        tb.hparams(hp, {k: v for k, v in final.items() if k.startswith(("test_", "val_ndcg", "val_hr"))}, state["global_step"])
         state["history"].append({**final, "call": call})
         _report_with_checkpoint(report, rank, final, last_state, best_state or last_state, optimizer, scheduler, state, cfg)
         return final

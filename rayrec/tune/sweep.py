@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import pickletools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,27 @@ def trial_config(base: dict[str, Any], sampled: dict[str, Any], exp_dir: str, na
     return config_from_dict(raw)
 
 
-def _report_callback(metric: str):
+def _pass_index(epoch: int, eval_every: int) -> int:
+    """1-based index of the validation pass at ``epoch`` (passes every ``eval_every`` epochs and at the last)."""
+    return -(-int(epoch) // eval_every)
+
+
+def tune_result(metrics: dict[str, Any], eval_every: int) -> dict[str, Any]:
+    """A Train report as the Tune result it becomes, with its ``training_iteration`` set from the
+    epoch rather than counted by Tune: a trial restored after Ctrl-C or a lost driver restarts
+    Tune's count at 1 (its Tune state holds no checkpoint), but its Train run continues at its
+    checkpoint's epoch. Iteration n is validation pass n; the final report (test metrics) comes one
+    after the last pass and says ``epochs`` (epochs trained) instead of repeating the last ``epoch``."""
+    out = dict(metrics)
+    if out.get("final") == 1:
+        out["epochs"] = out.pop("epoch", 0)
+        out["training_iteration"] = _pass_index(out["epochs"], eval_every) + 1
+    elif "epoch" in out:
+        out["training_iteration"] = _pass_index(out["epoch"], eval_every)
+    return out
+
+
+def _report_callback(metric: str, eval_every: int):
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class ValidationReportCallback(TuneReportCallback):
@@ -61,9 +81,48 @@ def _report_callback(metric: str):
 
         def after_report(self, run_context, metrics, checkpoint):
             if metrics and metric in metrics[0]:
-                super().after_report(run_context, metrics, checkpoint)
+                super().after_report(run_context, [tune_result(metrics[0], eval_every), *metrics[1:]], checkpoint)
 
     return ValidationReportCallback()
+
+
+def _epochs_seen(result_json: Path) -> int:
+    """The last epoch a trial's Tune log (``<experiment>/<trial>/result.json``) holds, 0 if none."""
+    try:
+        lines = result_json.read_text().splitlines()
+    except OSError:
+        return 0
+    last = 0
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut off by a kill
+            continue
+        if row.get("final") != 1 and isinstance(row.get("epoch"), (int, float)):
+            last = max(last, int(row["epoch"]))
+    return last
+
+
+def unseen_passes(cfg: Config, result_json: Path, metric: str) -> list[dict[str, Any]]:
+    """Validation passes that the trial's Train run has checkpointed but its Tune log never got.
+
+    A driver interrupted or killed between a Train checkpoint and Tune's processing of that report
+    loses the report; the resumed Train run continues after the checkpoint, so without these the
+    trial's history would have a hole. They come from the ``state.json`` history of the checkpoint
+    ``fit`` resumes from (the newest valid one)."""
+    from rayrec.train import checkpoint as ckpt
+
+    found = ckpt.candidates(cfg.run_dir)
+    latest = ckpt.newest_valid(found) if found else None
+    if latest is None:
+        return []
+    try:
+        history = ckpt.load_state(latest).get("history", [])
+    except (ckpt.CheckpointError, OSError):
+        return []  # fit refuses it with the reason
+    seen = _epochs_seen(result_json)
+    return [{k: v for k, v in h.items() if k != "call"} for h in history
+            if metric in h and h.get("final") != 1 and int(h.get("epoch", 0)) > seen]
 
 
 def run_trial(sampled: dict[str, Any], base: dict[str, Any], exp_dir: str) -> None:
@@ -71,17 +130,22 @@ def run_trial(sampled: dict[str, Any], base: dict[str, Any], exp_dir: str) -> No
     from ray import tune
 
     from rayrec.train.fit import fit
+    from rayrec.train.tb import has_session
     from rayrec.tune.report import write_trial_hparams
 
-    metric = tune_metric(config_from_dict(base))
-    cfg = trial_config(base, sampled, exp_dir, tune.get_context().get_trial_name())  # a bad combination fails here, alone
-    first_start = not (cfg.run_dir / "tensorboard").exists()
-    if first_start:
+    base_cfg = config_from_dict(base)
+    metric, eval_every = tune_metric(base_cfg), base_cfg.train.eval_every
+    name = tune.get_context().get_trial_name()
+    cfg = trial_config(base, sampled, exp_dir, name)  # a bad combination fails here, alone
+    if not has_session(cfg.run_dir / "tensorboard"):
         write_trial_hparams(cfg, sampled, metric)
+    # a restored trial: first the passes its Tune log missed, so its history has every pass once
+    for row in unseen_passes(cfg, Path(exp_dir) / name / "result.json", metric):
+        tune.report(tune_result(row, eval_every))
     # the trial folder is the sweep's own: its HParams session, and the checkpoints of an attempt that
     # was interrupted, which a restored trial continues (with none, the trial starts from scratch)
     cfg.resume = True
-    fit(cfg, callbacks=[_report_callback(metric)])
+    fit(cfg, callbacks=[_report_callback(metric, eval_every)])
 
 
 @dataclass
@@ -90,6 +154,13 @@ class SweepResult:
     table: Any  # pandas DataFrame, one row per trial
     best_config: Path | None
     leaderboard: str
+    unfinished: list[str] = field(default_factory=list)  # interrupted or pending trials: the sweep was cut off
+
+    @property
+    def resume_hint(self) -> str | None:
+        from rayrec.tune.report import resume_command
+
+        return resume_command(self.exp_dir) if self.unfinished else None
 
 
 def _trainable(base: dict[str, Any], exp_dir: Path, trial_cpus: float):
@@ -157,8 +228,29 @@ def _tuner_config(cfg: Config, params: list[Param]):
 def _run_config(cfg: Config, exp_dir: Path):
     from ray import tune
 
+    from rayrec.tune.history import logger_callbacks
+
     return tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent), storage_filesystem=sweep_filesystem(),
-                          failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures, fail_fast=False))
+                          failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures, fail_fast=False),
+                          callbacks=logger_callbacks())
+
+
+class _OwnResumeHint(logging.Filter):
+    """Drops Ray's "Resume experiment with: Tuner.restore(...)" advice after Ctrl-C: a sweep is
+    resumed with ``python jobs/tune.py --resume <experiment>``, which ``_finish`` prints instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
+def _fit(tuner):
+    hint = _OwnResumeHint()
+    ray_log = logging.getLogger("ray.tune.tune")
+    ray_log.addFilter(hint)
+    try:
+        return tuner.fit()
+    finally:
+        ray_log.removeFilter(hint)
 
 
 def _init_ray() -> None:
@@ -220,7 +312,7 @@ def run_sweep(cfg: Config) -> SweepResult:
     tuner = tune.Tuner(_trainable(base, exp_dir, cfg.tune.trial_cpus),
                        param_space={p.key: p.to_tune() for p in params},
                        tune_config=_tuner_config(cfg, params), run_config=_run_config(cfg, exp_dir))
-    return _finish(cfg, exp_dir, tuner.fit())
+    return _finish(cfg, exp_dir, _fit(tuner))
 
 
 def _complete_pickle(path: Path) -> bool:
@@ -280,12 +372,19 @@ def resume_sweep(exp_dir: str | Path, resume_errored: bool = False) -> SweepResu
     tuner = tune.Tuner.restore(str(exp_dir), trainable=_trainable(cfg.to_dict(), exp_dir, cfg.tune.trial_cpus),
                                resume_unfinished=True, resume_errored=resume_errored, restart_errored=False,
                                storage_filesystem=fs)
-    return _finish(cfg, exp_dir, tuner.fit())
+    return _finish(cfg, exp_dir, _fit(tuner))
 
 
 def _finish(cfg: Config, exp_dir: Path, grid) -> SweepResult:
     from rayrec.tune.report import write_outputs
 
     table, best, board = write_outputs(cfg, exp_dir, grid)
-    return SweepResult(exp_dir, table, best, board)
+    res = SweepResult(exp_dir, table, best, board)
+    if len(table):
+        res.unfinished = list(table.loc[table["status"].isin(("interrupted", "pending")), "trial"])
+    if res.unfinished:
+        log.warning("the sweep was interrupted: %d trial(s) unfinished (%s); results so far are interim (best_config "
+                    "only among finished trials). Continue it with: %s", len(res.unfinished),
+                    ", ".join(res.unfinished), res.resume_hint)
+    return res
 
