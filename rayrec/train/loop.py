@@ -394,7 +394,7 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
         final.update(evaluate(model, store, cfg.eval, cfg.model.max_len, "test", device))
         # the bar every model must clear, scored by the same evaluation path
         pop = evaluate(MostPopular(store).to(device), store, cfg.eval, cfg.model.max_len, "test", device)
-        final.update({"baseline_pop_" + k: v for k, v in pop.items() if "ndcg" in k or "hr_" in k})
+        final.update({"baseline_pop_" + k: v for k, v in pop.items() if k.startswith(("test_ndcg", "test_hr", "test_mrr"))})
         final.update({"epoch": state["epoch"], "final": 1, "train_s": time.perf_counter() - t_start,
                       "sparse_item_table": float(model.item_emb.sparse)})
         tb.scalars({k: v for k, v in final.items() if k.startswith("test_")}, state["global_step"], prefix="final/")
