@@ -185,9 +185,12 @@ def quiet_train_worker() -> None:
 
     if verbose():
         return
-    from ray.train.v2._internal.execution import context
+    from ray.train.v2._internal.execution import context, train_fn_utils
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    # with scale.num_workers=0 the loop runs in the driver, where Train logs every report whole
+    # ("Reported metrics: {...}") on this module's logger instead
+    logging.getLogger(train_fn_utils.__name__).setLevel(logging.WARNING)
 
 
 def train_logging_config():

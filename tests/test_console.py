@@ -115,7 +115,8 @@ def other_ray_dashboard():
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_a_redirected_run_prints_one_clean_line_per_epoch(synthetic_log, tmp_path, other_ray_dashboard):
+@pytest.mark.parametrize("workers", ["2", "0"])  # 0: the loop runs in the driver, where Train logs reports itself
+def test_a_redirected_run_prints_one_clean_line_per_epoch(synthetic_log, tmp_path, other_ray_dashboard, workers):
     """jobs/train.py with stdout and stderr in a file, as under nohup, CI or `ray job logs`: every epoch
     on its own newline-terminated line, no progress-bar fragments, none of Ray's per-report lines. With
     another Ray's dashboard on 127.0.0.1:8265, Train's placement-group cleaner used to take this run's
@@ -132,7 +133,7 @@ def test_a_redirected_run_prints_one_clean_line_per_epoch(synthetic_log, tmp_pat
             [sys.executable, str(ROOT / "jobs" / "train.py"), str(ROOT / "configs" / "quickstart.yaml"),
              f"data.log={synthetic_log}", f"output_dir={tmp_path / 'runs'}", "name=quiet", f"train.epochs={epochs}",
              "train.patience=0", "train.eval_every=2", "train.max_steps_per_epoch=3", "train.batch_size=64",
-             "model.max_len=20", "model.hidden=32", "train.warmup_steps=2"],
+             "model.max_len=20", "model.hidden=32", "train.warmup_steps=2", f"scale.num_workers={workers}"],
             env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, timeout=360, start_new_session=True)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     text = out.read_bytes().decode()
@@ -143,6 +144,6 @@ def test_a_redirected_run_prints_one_clean_line_per_epoch(synthetic_log, tmp_pat
     assert [(int(m[1]), int(m[2])) for m in epoch_lines] == [(e, epochs) for e in range(1, epochs + 1)], text
     assert [bool(m[3]) for m in epoch_lines] == [False, True, True]  # the metric when the epoch was evaluated
     for noise in ("\r", "\x1b[", "TrainingReport", "Checkpoint successfully created", "Failed to register placement group",
-                  "controller actor", "Deprecat", "row/s", "Running Dataset", "Traceback"):
+                  "controller actor", "Deprecat", "row/s", "Running Dataset", "Traceback", "Reported metrics"):
         assert noise not in text, (noise, text)
     assert len(lines) <= 50, text  # start-up 3 lines, the epochs, the final metric table and paths
