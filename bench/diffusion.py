@@ -121,7 +121,8 @@ def main(argv=None) -> None:
         top = json.loads(path.read_text())
         text += (f"\n\nEvery row: {' '.join(BUDGET)} (early stopping on validation); DiffSASRec: {' '.join(RECIPE)}; "
                  f"SFT: {' '.join(SFT)} (from the pre-training run's best weights); `*_ts` rows: MovieLens-1M with real "
-                 f"timestamps, data.split=time. {top['hardware']}, commit {top['commit'][:8]}.")
+                 f"timestamps, data.split=time; a run's epoch cap and patience, where given on the command line, are in "
+                 f"its row of bench/results/diffusion.json. {top['hardware']}, commit {top['commit'][:8]}.")
         from bench.blocks import replace_block
 
         replace_block("diffusion", text)

@@ -38,7 +38,8 @@ def probe(name: str, overrides: list[str], config: str = "configs/diffsasrec_ml1
     wall = time.perf_counter() - t0
     m = res.metrics
     times = sorted(h["epoch_s"] for h in res.history if math.isfinite(h.get("epoch_s", math.nan)))
-    curve = sorted({h["epoch"]: round(h["val_ndcg_10"], 5) for h in res.history if "val_ndcg_10" in h}.items())
+    # the first report of an epoch: the final one repeats the last epoch with the restored best weights' metrics
+    curve = sorted({h["epoch"]: round(h["val_ndcg_10"], 5) for h in reversed(res.history) if "val_ndcg_10" in h}.items())
     return {"probe": name, "overrides": overrides, "config": cfg.to_dict(), "data_sha256": sha256(Path(cfg.data.source.path)),
             "epochs": m.get("epoch"), "best_epoch": m.get("best_epoch"),
             "best_val_ndcg_10": round(m["best_val_ndcg_10"], 5), "test_ndcg_10": round(m["test_ndcg_10"], 5),

@@ -50,7 +50,8 @@ def run_quality(config: str, name: str, overrides: list[str], dataset: str) -> d
         "name": name, "dataset": dataset, "data_sha256": sha256(src), "config": cfg.to_dict(),
         "protocol": cfg.eval.protocol, "epochs": m.get("epoch"), "best_epoch": m.get("best_epoch"),
         "metrics": metrics, "resumed": cfg.resume,
-        "val_curve": sorted({h["epoch"]: round(h[cfg.eval.metric], 5) for h in res.history if cfg.eval.metric in h}.items()),
+        # per validated epoch; the final report repeats the last epoch with the restored best weights' metrics
+        "val_curve": sorted({h["epoch"]: round(h[cfg.eval.metric], 5) for h in reversed(res.history) if cfg.eval.metric in h}.items()),
         "timings": {"wall_s_this_call": round(wall, 1), "s_per_epoch_median": round(epoch_s, 2), "s_per_epoch": round(epoch_s, 2)},
     }
 
