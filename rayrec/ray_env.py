@@ -210,4 +210,12 @@ def progress_bars_on_a_terminal() -> None:
     from ray.data import DataContext
 
     if not sys.stdout.isatty():
-        DataContext.get_current().use_ray_tqdm = False
+        ctx = DataContext.get_current()
+        # without ray's tqdm, Ray Data falls back to plain tqdm bars in the driver (e.g. "Parquet
+        # dataset sampling" when a read starts), which write carriage returns into the file too
+        ctx.use_ray_tqdm = ctx.enable_progress_bars = False
+        import logging
+
+        from ray.data._internal import progress  # it says once, at WARNING, that the bars are off
+
+        logging.getLogger(progress.__name__).addFilter(_Drop("Progress bars disabled"))

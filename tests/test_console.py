@@ -73,12 +73,13 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
 
     ctx = DataContext.get_current()
     monkeypatch.setattr(ctx, "use_ray_tqdm", True)
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     ray_env.progress_bars_on_a_terminal()
-    assert ctx.use_ray_tqdm
+    assert ctx.use_ray_tqdm and ctx.enable_progress_bars
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
     ray_env.progress_bars_on_a_terminal()
-    assert not ctx.use_ray_tqdm
+    assert not ctx.use_ray_tqdm and not ctx.enable_progress_bars  # not even plain tqdm in the driver
 
 
 class _OtherRaysDashboard(http.server.BaseHTTPRequestHandler):

@@ -27,18 +27,20 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), int8: bool = False) -> tuple[dict[str, float], Config]:
+    from rayrec.ray_env import init_ray, progress_bars_on_a_terminal
+
+    folder = find_checkpoint(path)
+    weights = ckpt.load_weights(folder, best=True)  # a refused checkpoint fails here, before Ray starts
+    cfg = load_config(folder / ckpt.CONFIG, overrides)
+    init_ray()  # sets the quiet environment Ray Data reads when it is first imported, just below
     import ray.data
 
     from rayrec.data.sequences import build_sequences
     from rayrec.eval.evaluate import evaluate
     from rayrec.models import build_model
-    from rayrec.ray_env import init_ray
     from rayrec.train.loop import load_store
 
-    folder = find_checkpoint(path)
-    weights = ckpt.load_weights(folder, best=True)  # a refused checkpoint fails here, before Ray starts
-    cfg = load_config(folder / ckpt.CONFIG, overrides)
-    init_ray()
+    progress_bars_on_a_terminal()
     data = build_sequences(cfg.data)
     tables = ray.data.read_parquet(data.sequences_path).iter_batches(batch_format="pyarrow", batch_size=None)
     store = load_store(data.num_items, 0, 1, tables=tables)
