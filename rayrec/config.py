@@ -108,6 +108,9 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warm-up; 0 disables
     lr_schedule: Literal["constant", "linear", "cosine", "step"] = "constant"  # after warm-up
     lr_decay_step: int = 1000  # step schedule: multiply by lr_decay_rate every this many steps
+    # step schedule in epochs instead (> 0 overrides lr_decay_step): the same config then decays at the
+    # same point of training on a log of any size, where a step count is tied to one log's user count
+    lr_decay_epochs: float = 0.0
     lr_decay_rate: float = 0.95
     grad_clip: float = 0.0  # max grad norm; 0 disables
     # item-table gradient: dense, sparse (only the rows a step touches are all-reduced and updated:
@@ -472,6 +475,9 @@ def validate(cfg: Config) -> Config:
         (t.weight_decay >= 0 and t.l2_emb >= 0, "train.weight_decay and train.l2_emb must be >= 0"),
         (t.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (0 < t.lr_decay_rate <= 1 and t.lr_decay_step >= 1, "train.lr_decay_rate must be in (0, 1] and lr_decay_step >= 1"),
+        (t.lr_decay_epochs >= 0, f"train.lr_decay_epochs must be >= 0 (0 = use lr_decay_step), got {t.lr_decay_epochs}"),
+        (not t.lr_decay_epochs or t.lr_schedule == "step",
+         f"train.lr_decay_epochs needs train.lr_schedule=step, got lr_schedule={t.lr_schedule}"),
         (t.eval_every >= 1, "train.eval_every must be >= 1"),
         (0.0 <= t.window_crop <= 1.0, f"train.window_crop must be in [0, 1], got {t.window_crop}"),
         (t.patience >= 0 and t.max_steps_per_epoch >= 0, "train.patience and max_steps_per_epoch must be >= 0"),

@@ -1,11 +1,11 @@
-"""model.num_negatives as a share of the catalogue: one config, negatives that follow the data."""
+"""Settings that follow the data: negatives as a share of the catalogue, an lr decay point in epochs."""
 import numpy as np
 import pytest
 
 from rayrec.config import ConfigError, load_config, negatives_for
 from rayrec.data.batches import SequenceStore
 from rayrec.models import build_model
-from rayrec.train.loop import EpochBatches
+from rayrec.train.loop import EpochBatches, lr_factor
 
 
 def model_cfg(*o):
@@ -47,3 +47,20 @@ def test_heads_and_the_sampler_use_the_resolved_count():
 def test_the_shipped_beauty_config_keeps_its_measured_4096_negatives_on_beauty():
     cfg = load_config("configs/esasrec_beauty.yaml")
     assert negatives_for(cfg.model, 12_101) == 4096  # bench/results/variants.json's esasrec_beauty row
+
+
+def test_an_lr_decay_in_epochs_falls_at_the_same_epoch_on_logs_of_any_size():
+    t = load_config(None, ["train.lr_schedule=step", "train.lr_decay_epochs=80", "train.lr_decay_rate=0.3",
+                           "train.warmup_steps=0"]).train
+    for steps_per_epoch in (48, 7, 1_000):  # ML-1M at batch 128, a small log, a large one
+        at = [lr_factor(e * steps_per_epoch, 0, t, steps_per_epoch) for e in (0, 79, 80, 159, 160)]
+        assert at == pytest.approx([1, 1, 0.3, 0.3, 0.09]), (steps_per_epoch, at)
+    by_steps = load_config(None, ["train.lr_schedule=step", "train.lr_decay_step=3840", "train.warmup_steps=0"]).train
+    assert lr_factor(3840, 0, by_steps, 7) == pytest.approx(by_steps.lr_decay_rate)  # 0 epochs: the step count
+
+
+def test_an_lr_decay_in_epochs_without_the_step_schedule_is_refused():
+    with pytest.raises(ConfigError, match="train.lr_decay_epochs needs train.lr_schedule=step"):
+        load_config(None, ["train.lr_decay_epochs=80"])
+    with pytest.raises(ConfigError, match="train.lr_decay_epochs must be >= 0"):
+        load_config(None, ["train.lr_schedule=step", "train.lr_decay_epochs=-1"])

@@ -53,7 +53,7 @@ def peak_rss_gib(device) -> float:
     return all_reduce(peak, dist.ReduceOp.MAX if _dist() else None).item()
 
 
-def lr_factor(step: int, total: int, t) -> float:
+def lr_factor(step: int, total: int, t, steps_per_epoch: int = 0) -> float:
     if t.warmup_steps and step < t.warmup_steps:
         return (step + 1) / t.warmup_steps
     s, span = step - t.warmup_steps, max(1, total - t.warmup_steps)
@@ -62,7 +62,8 @@ def lr_factor(step: int, total: int, t) -> float:
     if t.lr_schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, s / span)))
     if t.lr_schedule == "step":
-        return t.lr_decay_rate ** (step // t.lr_decay_step)
+        every = max(1, round(t.lr_decay_epochs * steps_per_epoch)) if t.lr_decay_epochs else t.lr_decay_step
+        return t.lr_decay_rate ** (step // every)
     return 1.0
 
 
@@ -326,7 +327,7 @@ def run(cfg: Config, store: SequenceStore, num_users: int, rank: int, world: int
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
     total_steps = steps * cfg.train.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.train))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg.train, steps))
     if resume_dir and opt and opt.get("scheduler"):
         scheduler.load_state_dict(opt["scheduler"])
         # LambdaLR's constructor set each group's lr to factor(0); load_state_dict restores the step
