@@ -129,6 +129,7 @@ class TrainConfig:
     init_from: str = ""  # run or checkpoint folder whose best weights start this run (fresh optimizer and epochs)
     sft_epochs: int = 0  # > 0: after pre-training, chain an SFT run (<name>_sft) from its best weights
     sft_lr: float = 0.0  # learning rate of the chained SFT run; 0 = train.lr
+    sft_lr_schedule: Literal["", "constant", "linear", "cosine", "step"] = ""  # the chained SFT run's; "" = train.lr_schedule
     # share of a batch's users whose training window ends at a uniformly random point of their
     # training history instead of its newest item (random crops: every epoch sees other windows)
     window_crop: float = 0.0

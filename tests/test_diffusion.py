@@ -237,6 +237,10 @@ def test_sft_starts_from_the_pretraining_checkpoint(tmp_path):
               config_yaml=pre_cfg.to_yaml())
     sft = sft_config(pre_cfg, tmp_path / "pre")
     assert (sft.name, sft.train.stage, sft.train.epochs, sft.train.lr, sft.train.sft_epochs) == ("pre_sft", "sft", 3, 0.0002, 0)
+    assert sft.train.lr_schedule == pre_cfg.train.lr_schedule == "constant"  # no sft_lr_schedule: the run's own
+    cosine = sft_config(model_cfg("train.sft_epochs=3", "train.sft_lr_schedule=cosine", "train.lr_schedule=step",
+                                  f"output_dir={tmp_path}", "name=pre"), tmp_path / "pre")
+    assert (cosine.train.lr_schedule, cosine.train.sft_lr_schedule) == ("cosine", "")
     check_init_from(sft)
     fresh = model(seed=3)
     init_weights(fresh, sft, resume_dir=None)

@@ -57,7 +57,8 @@ def sft_config(cfg: Config, pretrained: str | Path) -> Config:
     d = cfg.to_dict()
     d["name"] = f"{cfg.name}_sft"
     d["train"].update(stage="sft", init_from=str(Path(pretrained).absolute()), epochs=cfg.train.sft_epochs,
-                      lr=cfg.train.sft_lr or cfg.train.lr, sft_epochs=0, sft_lr=0.0)
+                      lr=cfg.train.sft_lr or cfg.train.lr, lr_schedule=cfg.train.sft_lr_schedule or cfg.train.lr_schedule,
+                      sft_epochs=0, sft_lr=0.0, sft_lr_schedule="")
     return config_from_dict(d)
 
 
