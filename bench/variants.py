@@ -34,10 +34,10 @@ DATASETS = {
                "data.source.path=../shared/data/s3rec/Beauty.txt.gz", "model.dropout=0.5",
                "train.epochs=60", "train.eval_every=2", "train.patience=5", "train.bucket_by_length=true"],
 }
-ML1M = ["sasrec", "sasrec_ce", "gsasrec", "esasrec", "tisasrec", "sasrec_mhc", "sasrec_wide", "tisasrec_mhc", "ssept", "hstu"]
+ML1M = ["sasrec", "sasrec_ce", "gsasrec", "esasrec", "tisasrec", "sasrec_mhc", "sasrec_wide", "tisasrec_mhc", "ssept", "hstu", "hstu_large"]
 # Beauty's files carry item order only (timestamps are synthesized one apart), so every time
 # interval is equal and the time_interval variants would measure nothing: they are not run there.
-BEAUTY = ["sasrec", "sasrec_ce", "gsasrec", "esasrec", "sasrec_mhc", "sasrec_wide", "ssept", "hstu"]
+BEAUTY = ["sasrec", "sasrec_ce", "gsasrec", "esasrec", "sasrec_mhc", "sasrec_wide", "ssept", "hstu", "hstu_large"]
 # eSASRec's negatives are a share of the catalogue: 1024 of ML-1M-ts's 3,615 items, 4096 of Beauty's
 # 12,101 (with 1024 on Beauty: 0.0528, below SASRec-CE's 0.0549), so its Beauty row is its own config;
 # HSTU's ML-1M-ts config biases by time, which Beauty's synthesized timestamps do not carry
