@@ -39,7 +39,7 @@ HEADLINE = [
     ("SASRec-CE", "ML-1M (SASRec file)", ("sasrec_ce_ml1m_h128",), "test_ndcg_10", "SASRec+ 0.1821"),
     ("SASRec-BCE", "ML-1M (SASRec file)", ("sasrec_bce_ml1m_v3",), "test_sampled_ndcg_10", "SASRec paper 0.5905"),
     ("HSTU + CE", "ML-1M (SASRec file)", ("hstu_ml1m",), "test_ndcg_10", "HSTU 0.1720"),
-    ("HSTU-large + CE", "ML-1M (SASRec file)", ("hstu_large_ml1m_l100",), "test_ndcg_10", "HSTU-large 0.1893"),
+    ("HSTU-large + CE", "ML-1M (SASRec file)", ("hstu_large_ml1m",), "test_ndcg_10", "HSTU-large 0.1893"),
     ("DiffSASRec", "ML-1M (SASRec file)", ("diffusion", "best_single"), "test_ndcg_10", "BERT4Rec 0.1516"),
     ("eSASRec", "ML-1M, real time", ("variants", "esasrec_ml1m_ts"), "test_ndcg_10", "–"),
     ("HSTU", "ML-1M, real time", ("variants", "hstu_ml1m_ts"), "test_ndcg_10", "–"),
